@@ -1,0 +1,341 @@
+"""The config schema: the YAML keys and the one home of their defaults.
+
+A config is typed, frozen data. `load_config(path, overrides)` reads YAML with a safe loader
+that also refuses duplicate keys, applies `key.sub=value` overrides (YAML scalar semantics) and
+validates; every failure is a ConfigError naming the dotted path. Named sections (model, loss,
+optim, sched) take free keyword arguments that their builders check against the real signature.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from trainkit.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NamedSection(BaseModel):
+    """A section with a registry `name` plus that entry's keyword arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="run name; the run directory is <out_dir>/<name>[-N]")
+    out_dir: str = Field("runs", description="parent folder of run directories")
+    seed: int = Field(0, description="seed for weights, data order, augmentation and dropout")
+
+
+class AugmentConfig(Section):
+    crop_padding: NonNegativeInt = Field(
+        0, description="random crop after zero padding by this many pixels (0 = off)"
+    )
+    hflip: bool = Field(False, description="random horizontal flip with probability 0.5")
+    brightness: float = Field(0.0, ge=0, le=1, description="random brightness factor range ±x")
+    contrast: float = Field(0.0, ge=0, le=1, description="random contrast factor range ±x")
+
+
+class NormalizationStats(Section):
+    mean: list[float]
+    std: list[PositiveFloat]
+
+
+class SyntheticConfig(Section):
+    train_size: PositiveInt = Field(6000, description="number of training images")
+    test_size: PositiveInt = Field(1000, description="number of test images")
+    image_size: PositiveInt = Field(32, ge=16, description="side of the square images, pixels")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = RGB")
+    noise: float = Field(0.15, ge=0, le=1, description="background noise level, 0..1")
+
+
+class DataConfig(Section):
+    name: str = Field(
+        "synthetic",
+        description="synthetic | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder",
+    )
+    root: str = Field("data", description="where the dataset files are (or are downloaded to)")
+    download: bool = Field(False, description="download torchvision datasets when missing")
+    batch_size: PositiveInt = Field(128, description="global training batch (all processes)")
+    eval_batch_size: PositiveInt = Field(1024, description="evaluation/prediction batch")
+    num_workers: NonNegativeInt = Field(2, description="DataLoader workers (decode path only)")
+    val_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="hold out this fraction of train as val; null = only when the dataset has "
+        "no val/test split of its own (then 0.1)",
+    )
+    image_size: PositiveInt | None = Field(
+        None, description="resize to this square size; null = the dataset's own size"
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="convert images to 1 or 3 channels; null = the dataset's own"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    normalization: Union[Literal["dataset", "imagenet", "half", "none"], NormalizationStats] = (
+        Field(
+            "dataset",
+            description="dataset (its mean/std) | imagenet | half (0.5/0.5) | none | "
+            "{mean: [...], std: [...]}",
+        )
+    )
+    cache: Literal["auto", "memory", "none"] = Field(
+        "auto",
+        description="memory = decode once into a tensor on the training device; none = "
+        "DataLoader + per-image decode; auto = memory when it fits cache_memory_gb",
+    )
+    cache_memory_gb: PositiveFloat = Field(4.0, description="memory budget of the tensor path")
+    cache_dir: str | None = Field(
+        None,
+        description="where decoded ImageFolder caches go; null = <root>/.trainkit_cache, or "
+        "the user cache directory when root is read-only",
+    )
+    skip_bad_images: bool = Field(
+        False, description="skip unreadable images with a warning instead of failing"
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class ModelConfig(NamedSection):
+    name: str = Field("lenet", description="lenet | alexnet | mlp | torchvision.<name>")
+    num_classes: PositiveInt | None = Field(None, description="null = from the dataset")
+    in_channels: PositiveInt | None = Field(None, description="null = from the data")
+    input_size: PositiveInt | None = Field(None, description="null = from the data")
+
+
+class LossConfig(NamedSection):
+    name: str = Field(
+        "cross_entropy",
+        description="cross_entropy | nll | multi_margin | bce_with_logits | mse | smooth_l1 | l1",
+    )
+
+
+class OptimConfig(NamedSection):
+    name: str = Field("sgd", description="any torch.optim optimizer, lower case")
+
+
+class SchedConfig(NamedSection):
+    name: str = Field(
+        "none", description="none | step | multistep | cosine | onecycle | exponential | plateau"
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length, epochs")
+    warmup_start_factor: float = Field(
+        0.01, gt=0, le=1, description="lr multiplier at the start of warmup"
+    )
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = Field(10, description="number of passes over the training set")
+    grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    device: Union[str, list[NonNegativeInt]] = Field(
+        "auto", description="auto | cpu | mps | cuda | cuda:N | [0, 1] (DataParallel)"
+    )
+    parallel: Literal["auto", "none", "dp", "ddp"] = Field(
+        "auto", description="auto = DDP under torchrun, DataParallel for a device list"
+    )
+    precision: Literal["32", "bf16", "fp16"] = Field("32", description="32 | bf16 | fp16")
+    clip_grad_norm: PositiveFloat | None = Field(None, description="max gradient norm")
+    eval_every: PositiveInt = Field(1, description="evaluate every N epochs (and at the end)")
+    patience: PositiveInt | None = Field(
+        None, description="early stopping: evaluations without improvement of monitor"
+    )
+    monitor: Literal["val_accuracy", "val_loss", "val_top5"] = Field(
+        "val_accuracy", description="metric that picks best.pt and drives early stopping"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    channels_last: bool = Field(False, description="channels_last memory format (CUDA)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="what a NaN/inf loss does: stop the run or skip the step"
+    )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("a device list needs at least one GPU id")
+            return value
+        text = value.strip().lower()
+        if text in ("auto", "cpu", "cuda", "mps"):
+            return text
+        if text.startswith("cuda:") and text[5:].isdigit():
+            return text
+        raise ValueError(f"unknown device '{value}'; choices: auto, cpu, mps, cuda, cuda:N, [ids]")
+
+
+class LogConfig(Section):
+    tensorboard: bool = Field(True, description="write TensorBoard scalars to <run>/tensorboard")
+    progress: Literal["auto", "rich", "plain", "none"] = Field(
+        "auto", description="auto = rich bars on a terminal, plain lines otherwise"
+    )
+    every_n_steps: PositiveInt = Field(50, description="train-loss logging cadence, steps")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(name="sgd", lr=0.01))
+    sched: SchedConfig = Field(default_factory=lambda: SchedConfig(name="none"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML- and checkpoint-safe dict (no pydantic objects)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {mark.line + 1})", mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error)
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise ConfigError(source, _yaml_error_line(error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b.c=value` set; value has YAML scalar semantics."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError("overrides", f"expected key.sub=value, got '{item}'")
+        value = parse_yaml(text, key) if text.strip() else None
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: depth + 1]), "is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for listing valid keys)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _format_validation_error(error: ValidationError) -> ConfigError:
+    first = error.errors()[0]
+    loc = tuple(part for part in first["loc"] if not str(part).startswith(("literal[", "function")))
+    # pydantic adds the union member ("NormalizationStats", "str") to loc; drop class-like parts
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    path = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ";"
+        return ConfigError(path, f"unknown key{hint} valid keys: {', '.join(valid)}")
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    value = first.get("input")
+    if first["type"] not in ("missing",) and not isinstance(value, (dict, list)):
+        message = f"{message} (got {value!r})"
+    return ConfigError(path, message)
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"expected a mapping of sections, got {type(raw).__name__}")
+    for section in ("model", "loss", "optim", "sched"):
+        if isinstance(raw.get(section), str):  # `model: lenet` is short for `model: {name: lenet}`
+            raw = {**raw, section: {"name": raw[section]}}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation_error(error) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("config", f"cannot read {path}: {error}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(str(path), "expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(raw or {}, overrides or []), str(path))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)

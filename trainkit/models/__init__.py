@@ -1,0 +1,90 @@
+"""Model registry: name → builder, plus any torchvision classifier as `torchvision.<name>`.
+
+A model is built from a plain-dict spec (`name`, `num_classes`, `in_channels`, `input_size` and
+the builder's keyword arguments); the spec is saved in checkpoints so that eval and predict
+rebuild the exact model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from trainkit.errors import ConfigError, unknown_choice
+from trainkit.models.alexnet import build_alexnet
+from trainkit.models.lenet import LeNet
+from trainkit.models.mlp import MLP
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": LeNet,
+    "alexnet": build_alexnet,
+    "mlp": MLP,
+}
+TORCHVISION_PREFIX = "torchvision."
+# Filled in by the trainer/builders from the data; a config may set them to override.
+INFERRED = ("num_classes", "in_channels", "input_size")
+
+
+def torchvision_model_names() -> list[str]:
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS) + ["torchvision.<name>"]
+
+
+def check_model_name_and_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ConfigError for an unknown model or keyword argument; build nothing."""
+    if name.startswith(TORCHVISION_PREFIX):
+        short = name[len(TORCHVISION_PREFIX) :]
+        choices = torchvision_model_names()
+        if short not in choices:
+            raise ConfigError("model.name", unknown_choice("torchvision model", short, choices))
+        return  # torchvision's builders take **kwargs; checked when built
+    if name not in MODELS:
+        raise ConfigError("model.name", unknown_choice("model", name, model_names()))
+    params = inspect.signature(MODELS[name]).parameters
+    valid = [p for p in params if p not in INFERRED]
+    for key in kwargs:
+        if key not in params:
+            raise ConfigError(
+                f"model.{key}", f"not an argument of {name}; valid: {', '.join(valid) or 'none'}"
+            )
+
+
+class _ToThreeChannels(nn.Module):
+    """Feed 1- or N-channel images to torchvision models that expect RGB."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.mix = None if in_channels == 1 else nn.Conv2d(in_channels, 3, kernel_size=1)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, 3, H, W)
+        return x.expand(-1, 3, -1, -1) if self.mix is None else self.mix(x)
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Build from a resolved spec: {name, num_classes, in_channels, input_size, **kwargs}."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    check_model_name_and_kwargs(name, {k: v for k, v in spec.items() if k not in INFERRED})
+    try:
+        if name.startswith(TORCHVISION_PREFIX):
+            import torchvision.models
+
+            in_channels = spec.pop("in_channels")
+            spec.pop("input_size", None)
+            model = torchvision.models.get_model(
+                name[len(TORCHVISION_PREFIX) :], weights=None, **spec
+            )
+            if in_channels != 3:
+                model = nn.Sequential(_ToThreeChannels(in_channels), model)
+            return model
+        return MODELS[name](**spec)
+    except (TypeError, ValueError) as error:
+        raise ConfigError("model", f"cannot build {name}: {error}") from None

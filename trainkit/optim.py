@@ -1,0 +1,260 @@
+"""build_loss / build_optimizer / build_scheduler over plain name → class registries.
+
+Keyword arguments come straight from the config section and are checked against the real
+signature of the torch class, so a typo fails before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainkit.config import LossConfig, OptimConfig, SchedConfig
+from trainkit.errors import ConfigError, unknown_choice
+
+# --------------------------------------------------------------------------- losses
+
+_IGNORED_LOSS_ARGS = {"size_average", "reduce", "reduction"}
+
+
+class OneHotLoss(nn.Module):
+    """Apply a regression-style loss to logits against one-hot targets."""
+
+    def __init__(self, loss: nn.Module, num_classes: int):
+        super().__init__()
+        self.loss = loss
+        self.num_classes = num_classes
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = F.one_hot(labels, self.num_classes).to(logits.dtype)  # (B, K)
+        return self.loss(logits, target)
+
+
+class LogitsNLLLoss(nn.NLLLoss):
+    """NLL over log_softmax(logits): models return logits, so nll means log-softmax + NLL."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.log_softmax(logits, dim=1), labels)
+
+
+# name → (torch class whose signature is checked, takes class labels directly)
+LOSSES: dict[str, tuple[type[nn.Module], bool]] = {
+    "cross_entropy": (nn.CrossEntropyLoss, True),
+    "nll": (LogitsNLLLoss, True),
+    "multi_margin": (nn.MultiMarginLoss, True),
+    "bce_with_logits": (nn.BCEWithLogitsLoss, False),
+    "mse": (nn.MSELoss, False),
+    "smooth_l1": (nn.SmoothL1Loss, False),
+    "l1": (nn.L1Loss, False),
+}
+_TENSOR_LOSS_ARGS = {"weight", "pos_weight"}
+
+
+def _check_kwargs(section: str, owner: str, kwargs: dict, valid: list[str]) -> None:
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(
+                f"{section}.{key}", f"not an argument of {owner}; valid: {', '.join(valid) or 'none'}"
+            )
+
+
+def _loss_arg_names(cls: type) -> list[str]:
+    params = inspect.signature(cls).parameters
+    return [p for p in params if p not in _IGNORED_LOSS_ARGS]
+
+
+def build_loss(section: LossConfig, num_classes: int) -> nn.Module:
+    """A module mapping (logits (B, K), labels (B,)) to the mean loss."""
+    if section.name not in LOSSES:
+        raise ConfigError("loss.name", unknown_choice("loss", section.name, LOSSES))
+    cls, takes_labels = LOSSES[section.name]
+    kwargs = section.kwargs
+    _check_kwargs("loss", section.name, kwargs, _loss_arg_names(cls))
+    for key in _TENSOR_LOSS_ARGS & kwargs.keys():
+        value = kwargs[key]
+        if not isinstance(value, list) or len(value) != num_classes:
+            raise ConfigError(f"loss.{key}", f"expected a list of {num_classes} numbers (one per class)")
+        kwargs[key] = torch.tensor(value, dtype=torch.float32)
+    try:
+        loss = cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError("loss", f"cannot build {section.name}: {error}") from None
+    return loss if takes_labels else OneHotLoss(loss, num_classes)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
+    return {
+        name.lower(): cls
+        for name, cls in vars(torch.optim).items()
+        if isinstance(cls, type)
+        and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    }
+
+
+def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
+    registry = optimizer_registry()
+    if section.name not in registry:
+        raise ConfigError("optim.name", unknown_choice("optimizer", section.name, registry))
+    cls = registry[section.name]
+    kwargs = section.kwargs
+    _check_kwargs("optim", section.name, kwargs, [p for p in inspect.signature(cls).parameters if p != "params"])
+    lr = kwargs.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+        raise ConfigError("optim.lr", f"must be a number > 0 (got {lr!r})")
+    for key in ("weight_decay", "momentum"):
+        value = kwargs.get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"optim.{key}", f"must be >= 0 (got {value!r})")
+    try:
+        return cls(params, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError("optim", f"cannot build {section.name}: {error}") from None
+
+
+# --------------------------------------------------------------------------- schedulers
+
+S = torch.optim.lr_scheduler
+# name → (class, kwargs that trainkit fills in itself, kwargs given in epochs)
+SCHEDULERS: dict[str, tuple[type | None, set[str], set[str]]] = {
+    "none": (None, set(), set()),
+    "step": (S.StepLR, set(), {"step_size"}),
+    "multistep": (S.MultiStepLR, set(), {"milestones"}),
+    "cosine": (S.CosineAnnealingLR, set(), {"T_max"}),
+    "onecycle": (S.OneCycleLR, {"total_steps", "epochs", "steps_per_epoch"}, set()),
+    "exponential": (S.ExponentialLR, set(), set()),
+    "plateau": (S.ReduceLROnPlateau, {"mode"}, set()),
+}
+_SCHED_COMMON = {"optimizer", "last_epoch", "verbose"}
+
+
+class LRSchedule:
+    """The lr schedule of a run, advanced once per optimizer step.
+
+    Epoch-valued arguments (step_size, milestones, T_max, exponential's gamma) are converted to
+    optimizer steps so that warmup and decay are smooth at any batch size. `plateau` instead
+    steps on each evaluation's monitored metric.
+    """
+
+    def __init__(self, optimizer, per_step, plateau=None, warmup_steps: int = 0):
+        self.optimizer = optimizer
+        self.per_step = per_step  # an LRScheduler advanced each optimizer step, or None
+        self.plateau = plateau  # ReduceLROnPlateau advanced per evaluation, or None
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.per_step is not None and (self.plateau is None or self.steps <= self.warmup_steps):
+            self.per_step.step()
+
+    def step_eval(self, metric: float) -> None:
+        if self.plateau is not None and self.steps >= self.warmup_steps:
+            self.plateau.step(metric)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "per_step": self.per_step.state_dict() if self.per_step is not None else None,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        if self.per_step is not None and state.get("per_step") is not None:
+            self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
+
+def build_scheduler(
+    section: SchedConfig,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    epochs: int,
+    monitor_mode: str = "max",
+) -> LRSchedule:
+    """steps_per_epoch counts optimizer steps (after gradient accumulation)."""
+    if section.name not in SCHEDULERS:
+        raise ConfigError("sched.name", unknown_choice("scheduler", section.name, SCHEDULERS))
+    cls, filled, in_epochs = SCHEDULERS[section.name]
+    kwargs = section.kwargs
+    if cls is not None:
+        valid = [p for p in inspect.signature(cls).parameters if p not in _SCHED_COMMON | filled]
+        _check_kwargs("sched", section.name, kwargs, valid)
+    total_steps = max(1, steps_per_epoch * epochs)
+    warmup_steps = int(round(section.warmup_epochs * steps_per_epoch))
+    if section.name == "onecycle" and warmup_steps:
+        raise ConfigError("sched.warmup_epochs", "onecycle warms up by itself (use pct_start)")
+    warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
+
+    for key in in_epochs & kwargs.keys():
+        value = kwargs[key]
+        if key == "milestones":
+            kwargs[key] = [int(round(m * steps_per_epoch)) for m in value]
+        else:
+            kwargs[key] = max(1, int(round(value * steps_per_epoch)))
+    if section.name == "step" and "step_size" not in kwargs:
+        raise ConfigError("sched.step_size", "required for 'step' (epochs between decays)")
+    if section.name == "multistep" and "milestones" not in kwargs:
+        raise ConfigError("sched.milestones", "required for 'multistep' (epochs)")
+    if section.name == "cosine":
+        kwargs.setdefault("T_max", max(1, total_steps - warmup_steps))
+    if section.name == "exponential":
+        kwargs["gamma"] = float(kwargs.get("gamma", 0.9)) ** (1.0 / max(1, steps_per_epoch))
+    if section.name == "onecycle":
+        kwargs.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
+        kwargs["total_steps"] = total_steps
+    if section.name == "plateau":
+        kwargs["mode"] = monitor_mode
+
+    try:
+        main = cls(optimizer, **kwargs) if cls is not None else None
+        warmup = None
+        if warmup_steps:
+            warmup = S.LinearLR(
+                optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps
+            )
+    except (TypeError, ValueError) as error:
+        raise ConfigError("sched", f"cannot build {section.name}: {error}") from None
+
+    if isinstance(main, S.ReduceLROnPlateau):
+        return LRSchedule(optimizer, warmup, plateau=main, warmup_steps=warmup_steps)
+    if warmup is not None and main is not None:
+        # the main schedule starts where warmup ends, from the base lr
+        per_step = S.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+    else:
+        per_step = warmup if main is None else main
+    return LRSchedule(optimizer, per_step, warmup_steps=warmup_steps)
+
+
+def check_named_sections(loss: LossConfig, optim: OptimConfig, sched: SchedConfig) -> None:
+    """Build loss, optimizer and schedule on a dummy parameter: every name/kwarg error surfaces
+    here, before data is loaded or a run directory exists."""
+    build_loss(loss, num_classes=_loss_check_classes(loss))
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer(optim, [param])
+    build_scheduler(sched, optimizer, steps_per_epoch=10, epochs=2)
+
+
+def _loss_check_classes(loss: LossConfig) -> int:
+    for key in _TENSOR_LOSS_ARGS:
+        value = loss.kwargs.get(key)
+        if isinstance(value, list):
+            return len(value)
+    return 2
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)

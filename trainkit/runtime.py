@@ -1,0 +1,148 @@
+"""Where and how a run executes: device choice, seeding and RNG state, DataParallel / DDP."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainkit.errors import ConfigError, TrainkitError
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    parallel: str  # "none" | "dp" | "ddp"
+    device_ids: list[int] | None = None  # DataParallel GPUs
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main_process() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainkitError("CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+def _auto_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _check_cuda(index: int | None) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device", "CUDA is not available on this machine (try auto or cpu)")
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(
+            "train.device", f"cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)"
+        )
+
+
+def resolve_placement(device: Any, parallel: str) -> Placement:
+    """Map train.device / train.parallel (and torchrun's environment) to a Placement."""
+    world = launched_world_size()
+    if parallel == "ddp" or (parallel == "auto" and world > 1):
+        return _ddp_placement(device, world)
+    if isinstance(device, list) or parallel == "dp":
+        ids = device if isinstance(device, list) else list(range(torch.cuda.device_count()))
+        for index in ids:
+            _check_cuda(index)
+        if not ids:
+            raise ConfigError("train.parallel", "dp needs CUDA GPUs")
+        return Placement(torch.device(f"cuda:{ids[0]}"), "dp" if len(ids) > 1 else "none", ids)
+    if device == "auto":
+        return Placement(_auto_device(), "none")
+    if device.startswith("cuda"):
+        _check_cuda(int(device[5:]) if ":" in device else None)
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ConfigError("train.device", "MPS is not available on this machine")
+    return Placement(torch.device(device), "none")
+
+
+def _ddp_placement(device: Any, world: int) -> Placement:
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1 and "MASTER_ADDR" not in os.environ:
+        raise ConfigError("train.parallel", "ddp needs a launcher: use --nproc N or torchrun")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if not torch.distributed.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("TRAINKIT_DIST_TIMEOUT", "300")))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=timeout
+        )
+    return Placement(target, "ddp", None, rank, world, local_rank)
+
+
+def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
+    if placement.parallel == "dp":
+        return nn.DataParallel(model, device_ids=placement.device_ids)
+    if placement.parallel == "ddp":
+        ids = [placement.device.index] if placement.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as tensors and primitives (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *map(float, np_state[2:])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, seq, *rest = state["python"]
+    random.setstate((version, tuple(seq), *rest))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
