@@ -9,6 +9,7 @@ optim, sched) take free keyword arguments that their builders check against the 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -230,6 +231,24 @@ class _StrictSafeLoader(yaml.SafeLoader):
                 )
             seen[key] = True
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); configs mean the float.
+_StrictSafeLoader.yaml_implicit_resolvers = {
+    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _yaml_error_line(error: yaml.YAMLError) -> str:

@@ -7,7 +7,6 @@ signature of the torch class, so a typo fails before any data is loaded.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
@@ -90,6 +89,10 @@ def build_loss(section: LossConfig, num_classes: int) -> nn.Module:
 # --------------------------------------------------------------------------- optimizers
 
 
+# SparseAdam needs sparse gradients, which no image classifier here produces.
+_UNUSABLE_OPTIMIZERS = {"sparseadam"}
+
+
 def optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
     return {
         name.lower(): cls
@@ -97,6 +100,7 @@ def optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
         if isinstance(cls, type)
         and issubclass(cls, torch.optim.Optimizer)
         and cls is not torch.optim.Optimizer
+        and name.lower() not in _UNUSABLE_OPTIMIZERS
     }
 
 
@@ -242,8 +246,13 @@ def build_scheduler(
 def check_named_sections(loss: LossConfig, optim: OptimConfig, sched: SchedConfig) -> None:
     """Build loss, optimizer and schedule on a dummy parameter: every name/kwarg error surfaces
     here, before data is loaded or a run directory exists."""
-    build_loss(loss, num_classes=_loss_check_classes(loss))
-    param = nn.Parameter(torch.zeros(1))
+    classes = _loss_check_classes(loss)
+    loss_fn = build_loss(loss, num_classes=classes)
+    try:  # some arguments (label_smoothing, p) are only checked when the loss runs
+        loss_fn(torch.zeros(2, classes), torch.zeros(2, dtype=torch.int64))
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError("loss", f"{loss.name}: {error}") from None
+    param = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) take only matrices
     optimizer = build_optimizer(optim, [param])
     build_scheduler(sched, optimizer, steps_per_epoch=10, epochs=2)
 
@@ -255,6 +264,3 @@ def _loss_check_classes(loss: LossConfig) -> int:
             return len(value)
     return 2
 
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

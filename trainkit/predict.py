@@ -41,7 +41,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             paths += matches
         else:
             errors.append(f"{item}: no such file or folder")
-    return paths, errors
+    return list(dict.fromkeys(paths)), errors  # a file named twice is predicted once
 
 
 def run_predict(inputs: list[str], checkpoint: str | None, topk: int, as_json: bool,

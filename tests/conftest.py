@@ -1,0 +1,85 @@
+"""Shared helpers: run the real CLI in-process, write tiny configs, read checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from trainkit.cli import app
+
+torch.set_num_threads(2)
+
+# A small synthetic task that trains in a second or two on one CPU core.
+TINY = {
+    "run": {"name": "tiny", "seed": 0},
+    "data": {
+        "name": "synthetic",
+        "batch_size": 32,
+        "eval_batch_size": 256,
+        "num_workers": 0,
+        "synthetic": {"train_size": 256, "test_size": 128, "image_size": 16},
+    },
+    "model": {"name": "mlp", "hidden_sizes": [32]},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "train": {"epochs": 2},
+    "log": {"progress": "plain", "tensorboard": True},
+}
+
+
+class Result:
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+        self.exception = result.exception
+
+    def __repr__(self) -> str:
+        return f"exit {self.exit_code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """cli('train', 'cfg.yaml', ...) → Result, run with tmp_path as the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRAINKIT_DEBUG", raising=False)
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        return Result(runner.invoke(app, [str(a) for a in args]))
+
+    return run
+
+
+def write_config(directory: Path, overrides: dict | None = None, base: dict | None = None, name="cfg.yaml") -> Path:
+    config = deep_merge(base or TINY, overrides or {})
+    config["run"] = {**config.get("run", {}), "out_dir": str(directory / "runs")}
+    path = directory / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = deep_merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
