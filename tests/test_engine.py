@@ -1,0 +1,194 @@
+"""Engine guarantees: resume, accumulation, data-path equivalence, checkpoints, augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load, max_weight_difference, write_config
+from trainkit.checkpoint import load_checkpoint, save_checkpoint
+from trainkit.config import AugmentConfig, load_config
+from trainkit.data.loader import BatchTransform, crop_and_flip
+from trainkit.data.preprocess import Preprocess
+from trainkit.models import build_model
+from trainkit.runtime import unwrap_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _weights(tmp_path, run="tiny"):
+    return load(tmp_path / "runs" / run / "checkpoints" / "last.pt")["model"]
+
+
+def test_resume_continues_exactly(cli, tmp_path):
+    aug = ["data.augment.crop_padding=2", "data.augment.hflip=true", "model.dropout=0.2"]
+    full = cli("train", write_config(tmp_path), "train.epochs=3", "run.name=full", *aug)
+    assert full.exit_code == 0, full
+    part = cli("train", write_config(tmp_path), "train.epochs=2", "run.name=part", *aug)
+    assert part.exit_code == 0, part
+    resumed = cli("train", write_config(tmp_path), "train.epochs=3", "run.name=part", *aug, "--resume")
+    assert resumed.exit_code == 0, resumed
+    assert "resumed at epoch 3, batch 0, step 16" in resumed.stdout
+    state = load(tmp_path / "runs" / "part" / "checkpoints" / "last.pt")
+    assert state["global_step"] == 24 and state["epoch"] == 3
+    reference = _weights(tmp_path, "full")
+    for key, value in state["model"].items():
+        assert torch.equal(value, reference[key]), key
+    assert len((tmp_path / "runs" / "part" / "metrics.csv").read_text().splitlines()) == 4
+    assert not (tmp_path / "runs" / "part-2").exists()
+
+
+def test_resume_without_checkpoint_fails_cleanly(cli, tmp_path):
+    result = cli("train", write_config(tmp_path), "--resume")
+    assert result.exit_code == 1 and "nothing to resume" in result.stderr
+
+
+def test_gradient_accumulation_matches_the_larger_batch(cli, tmp_path):
+    # 250 images: the last window is short, and its weighting must still be exact
+    common = ["data.synthetic.train_size=250", "train.epochs=2", "model.dropout=0.0"]
+    big = cli("train", write_config(tmp_path), *common, "data.batch_size=64", "run.name=big")
+    small = cli("train", write_config(tmp_path), *common, "data.batch_size=32",
+                "train.grad_accum_steps=2", "run.name=small")
+    assert big.exit_code == 0 and small.exit_code == 0, (big, small)
+    assert max_weight_difference(_weights(tmp_path, "big"), _weights(tmp_path, "small")) < 1e-6
+
+
+def test_tensor_path_and_dataloader_path_train_identically(cli, tmp_path):
+    aug = ["data.augment.crop_padding=2", "data.augment.hflip=true"]
+    memory = cli("train", write_config(tmp_path), "data.cache=memory", "run.name=memory", *aug)
+    loader = cli("train", write_config(tmp_path), "data.cache=none", "run.name=loader", *aug)
+    assert memory.exit_code == 0 and loader.exit_code == 0, (memory, loader)
+    assert "in-memory tensors" in memory.stdout and "DataLoader" in loader.stdout
+    assert max_weight_difference(_weights(tmp_path, "memory"), _weights(tmp_path, "loader")) == 0
+
+
+def _write_imagefolder(root: Path, per_class: int = 12):
+    from trainkit.data.synthetic import CLASSES, make_synthetic
+
+    for split, count in (("train", per_class * 10), ("test", 40)):
+        images, labels = make_synthetic(count, split, 20, 3)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / CLASSES[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+
+
+def test_imagefolder_decoded_cache(cli, tmp_path, capfd):
+    root = tmp_path / "folder"
+    _write_imagefolder(root)
+    config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16}})
+    first = cli("train", config, "train.epochs=1")
+    assert first.exit_code == 0, first
+    assert "decoded 120 images" in first.stderr
+    caches = list((root / ".trainkit_cache").glob("*.pt"))
+    assert len(caches) == 2  # train and test
+    second = cli("train", config, "train.epochs=1")
+    assert second.exit_code == 0 and "decoded" not in second.stderr
+    # touching the data rebuilds the cache
+    victim = next((root / "train").rglob("*.png"))
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(victim)
+    third = cli("train", config, "train.epochs=1")
+    assert third.exit_code == 0 and "decoded 120 images" in third.stderr
+
+    evaluated = cli("eval", tmp_path / "runs" / "tiny" / "checkpoints" / "best.pt", "--json")
+    assert evaluated.exit_code == 0 and '"num_samples": 40' in evaluated.stdout
+
+
+def test_imagefolder_bad_image_is_named(cli, tmp_path):
+    root = tmp_path / "folder"
+    _write_imagefolder(root, per_class=3)
+    bad = root / "train" / "circle" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16}})
+    result = cli("train", config, "train.epochs=1")
+    assert result.exit_code == 1 and "broken.png" in result.stderr and "skip_bad_images" in result.stderr
+    skipped = cli("train", config, "train.epochs=1", "data.skip_bad_images=true")
+    assert skipped.exit_code == 0, skipped
+    assert "skipped" in skipped.stderr and "broken.png" in skipped.stderr
+
+
+def test_dataparallel_checkpoint_has_no_module_prefix(tmp_path):
+    model = build_model({"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32})
+    wrapped = torch.nn.DataParallel(model)
+    assert all(k.startswith("module.") for k in wrapped.state_dict())
+    assert not any(k.startswith("module.") for k in unwrap_model(wrapped).state_dict())
+    # a checkpoint written by other tools with the prefix still loads
+    state = {"format_version": 1, "model": wrapped.state_dict(), "preprocess": {}, "classes": [],
+             "config": {}, "model_spec": {"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32}}
+    save_checkpoint(state, tmp_path / "dp.pt")
+    loaded = load_checkpoint(tmp_path / "dp.pt")
+    assert not any(k.startswith("module.") for k in loaded["model"])
+    model.load_state_dict(loaded["model"])
+
+
+def test_crop_and_flip_matches_a_reference():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 10), dtype=torch.uint8)
+    offsets = torch.randint(0, 5, (6, 2))
+    flips = torch.tensor([True, False, True, False, False, True])
+    out = crop_and_flip(images, offsets, flips, 2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(6):
+        dy, dx = offsets[i].tolist()
+        expected = padded[i, :, dy : dy + 8, dx : dx + 10]
+        assert torch.equal(out[i], expected.flip(2) if flips[i] else expected)
+
+
+def test_batch_transform_is_seeded_and_per_sample():
+    preprocess = Preprocess(3, 8, (0.5,) * 3, (0.5,) * 3)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    a = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
+    b = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
+    first = a(images)
+    assert torch.equal(first, b(images))
+    assert not torch.equal(first, preprocess.normalize(images))
+    # the two halves of a 2-process world together give the whole batch
+    c = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
+    d = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
+    even, odd = c(images[0::2], 64, 0, 2), d(images[1::2], 64, 1, 2)
+    assert torch.equal(even, first[0::2]) and torch.equal(odd, first[1::2])
+
+
+def test_checkpoint_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format_version": 1, "x": torch.ones(3)}, path)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    from trainkit.errors import TrainkitError
+
+    with pytest.raises(TrainkitError, match="No space left"):
+        save_checkpoint({"format_version": 1, "x": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(config):
+    from trainkit.train import check_config
+
+    check_config(load_config(ROOT / "configs" / config))
+
+
+def test_readme_documents_every_config_key():
+    from pydantic import BaseModel
+
+    from trainkit.config import Config
+
+    readme = (ROOT / "README.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from keys(annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [key for key in keys(Config) if f"`{key}`" not in readme]
+    assert not missing, missing
