@@ -89,7 +89,8 @@ def train(
         if nproc:
             from trainkit.launch import launch_local
 
-            return launch_local(nproc, sys.argv)
+            forwarded = ["train", config_path, *overrides, *others, "train.parallel=ddp"]
+            return launch_local(nproc, forwarded + (["--resume"] if resume else []))
         from trainkit.train import run_train
 
         run_train(config, resume=resume, resume_path=others[0] if others else None)

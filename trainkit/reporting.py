@@ -44,6 +44,7 @@ class Reporter:
         self.log, self.epochs, self.run_dir = log, epochs, run_dir
         self.writer = None
         self.bar = None
+        self.first_step_seen = False
         mode = log.progress
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
@@ -82,6 +83,12 @@ class Reporter:
 
     def step(self, batch_index: int, global_step: int, loss_fn, lr: float, images_per_s: float) -> None:
         """`loss_fn` returns the running loss; called lazily so most steps never sync."""
+        if not self.first_step_seen:
+            self.first_step_seen = True
+            if self.enabled and self.mode != "none":
+                import trainkit
+
+                say(f"first training step {time.perf_counter() - trainkit.STARTED:.1f} s after start")
         if self.mode == "rich":
             info = ""
             if global_step % self.log.every_n_steps == 0:

@@ -1,0 +1,359 @@
+"""Side-by-side training benchmark: trainkit vs the tutorial loop vs Lightning vs the compute limit.
+
+    python benchmarks/bench.py                         # synthetic CIFAR-shaped data (offline)
+    python benchmarks/bench.py --data /path/cifar10    # an ImageFolder tree (train/ and test/)
+
+All contestants train LeNet on the same images in one run, each in its own process (so peak
+memory is its own): (a) `trainkit train` with configs/cifar10.yaml, (b) the classic tutorial
+loop (batch 4, per-image PIL ToTensor + Normalize, DataLoader with 2 workers, SGD lr 0.001
+momentum 0.9), (c) PyTorch Lightning's Trainer with the same per-image DataLoader pipeline at
+--batch-size, (d) the compute limit: the same train step on one in-memory batch. With --data it
+also measures time to --target test accuracy and the decoded cache's start-up gain, and it always
+times CLI start-up. Lightning comes from the `bench` extra: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the tutorial's normalization
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def lenet():
+    from trainkit.models import build_model
+
+    return build_model({"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32})
+
+
+def peak_memory_mb() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_mb": round(own, 1), "peak_workers_mb": round(children, 1)}
+
+
+class ArrayImages:
+    """Per-image PIL dataset over uint8 arrays, as torchvision's CIFAR10 class does."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+        return self.transform(image), int(self.labels[index])
+
+
+def per_image_datasets(args):
+    """(train, test) datasets with the tutorial's per-image pipeline."""
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    if args.data:
+        from torchvision.datasets import ImageFolder
+
+        return (ImageFolder(os.path.join(args.data, "train"), transform),
+                ImageFolder(os.path.join(args.data, "test"), transform))
+    from trainkit.data.synthetic import make_synthetic
+
+    train = make_synthetic(args.synthetic_size, "train", 32, 3)
+    test = make_synthetic(2000, "test", 32, 3)
+    return ArrayImages(*train, transform), ArrayImages(*test, transform)
+
+
+def test_accuracy(model, test_set) -> float:
+    import torch
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in DataLoader(test_set, batch_size=1000, num_workers=2):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    model.train()
+    return correct / total
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+def run_tutorial(args) -> dict:
+    """The classic loop. Throughput over --seconds; with --data, epochs until --target."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    train, test = per_image_datasets(args)
+    model = lenet()
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    loader = DataLoader(train, batch_size=4, shuffle=True, num_workers=2)
+    seen, train_seconds, result = 0, 0.0, {}
+    budget = args.max_seconds if args.data else args.seconds
+    for epoch in range(100):
+        began = time.perf_counter()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            if not args.data and time.perf_counter() - began > budget:
+                break
+            if args.data and train_seconds + time.perf_counter() - began > budget:
+                break
+        train_seconds += time.perf_counter() - began
+        result["images_per_s"] = seen / train_seconds
+        if not args.data:
+            break
+        accuracy = test_accuracy(model, test)
+        result.update(epochs=epoch + 1, test_accuracy=accuracy)
+        if accuracy >= args.target:
+            result["seconds_to_target"] = train_seconds
+            break
+        if train_seconds >= budget:
+            break
+    return result
+
+
+def run_lightning(args) -> dict:
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    train, _ = per_image_datasets(args)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = lenet()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    class Clock(pl.Callback):
+        def __init__(self):
+            self.start, self.seen = None, 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, index):
+            if index == 5:  # after warm-up (workers started)
+                self.start, self.seen = time.perf_counter(), 0
+            elif self.start is not None:
+                self.seen += len(batch[1])
+                if time.perf_counter() - self.start > args.seconds:
+                    trainer.should_stop = True
+
+    clock = Clock()
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=2,
+                        persistent_workers=True)
+    trainer = pl.Trainer(max_epochs=100, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[clock])
+    trainer.fit(Module(), loader)
+    return {"images_per_s": clock.seen / (time.perf_counter() - clock.start)}
+
+
+def run_compute_limit(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model = lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch_size,))
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    steps, began = 0, time.perf_counter()
+    while time.perf_counter() - began < args.seconds:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    return {"images_per_s": steps * args.batch_size / (time.perf_counter() - began)}
+
+
+def trainkit_command(args, out_dir: Path, extra: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "trainkit", "train", str(ROOT / "configs" / "cifar10.yaml"),
+               f"run.out_dir={out_dir}", "log.progress=plain", "log.tensorboard=false",
+               f"data.batch_size={args.batch_size}"]
+    if args.data:
+        command += ["data.name=imagefolder", f"data.root={args.data}"]
+    else:
+        command += ["data.name=synthetic", f"data.synthetic.train_size={args.synthetic_size}",
+                    "data.synthetic.test_size=2000", "train.epochs=2"]
+    return command + extra
+
+
+def run_trainkit(args) -> dict:
+    """The real CLI (its own process) with configs/cifar10.yaml; figures from metrics.csv."""
+    out = Path(tempfile.mkdtemp(prefix="bench-trainkit-"))
+    extra = [f"train.epochs={args.trainkit_epochs}"] if args.data else []
+    done = subprocess.run(trainkit_command(args, out, extra), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1])
+    rows = list(csv.DictReader(open(next(out.glob("*/metrics.csv")))))
+    warm = rows[1:] or rows  # the first epoch includes warm-up
+    result = {"images_per_s": statistics.mean(float(r["images_per_s"]) for r in warm),
+              "checkpoint": str(next(out.glob("*/checkpoints/best.pt")))}
+    if args.data:
+        elapsed = 0.0
+        for row in rows:
+            elapsed += float(row["epoch_seconds"])
+            if "seconds_to_target" not in result and float(row["val_accuracy"]) >= args.target:
+                result.update(seconds_to_target=elapsed, epochs_to_target=int(row["epoch"]))
+        result.update(test_accuracy=float(rows[-1]["val_accuracy"]), epochs=len(rows), train_seconds=elapsed)
+    result.update(peak_memory_mb_child=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))
+    return result
+
+
+CONTESTANTS = {"trainkit": run_trainkit, "tutorial": run_tutorial, "lightning": run_lightning,
+               "compute_limit": run_compute_limit}
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def median_seconds(command: list[str], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=False)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def startup_figures(checkpoint: str) -> dict:
+    from PIL import Image
+
+    image = Path(tempfile.mkdtemp()) / "one.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    trainkit = [sys.executable, "-m", "trainkit"]
+    help_s = median_seconds([str(Path(sys.executable).parent / "trainkit"), "--help"], 5)
+    predict_s = median_seconds(trainkit + ["predict", str(image), "-c", checkpoint], 5)
+    imports_s = median_seconds([sys.executable, "-c", "import torch, torchvision"], 5)
+    return {"help_s": help_s, "predict_s": predict_s, "import_torch_torchvision_s": imports_s,
+            "predict_over_import": predict_s / imports_s}
+
+
+def cache_figures(args) -> dict:
+    """Time to the first training step: first run (decodes) vs second run (decoded cache)."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    firsts = []
+    for _ in range(2):
+        out = Path(tempfile.mkdtemp(prefix="bench-first-"))
+        command = trainkit_command(args, out, ["train.epochs=1", f"data.cache_dir={cache_dir}"])
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        began = time.perf_counter()
+        for line in process.stdout:
+            if line.startswith("first training step"):
+                firsts.append(time.perf_counter() - began)
+                process.kill()
+                break
+        process.wait()
+    return {"first_step_first_run_s": firsts[0], "first_step_second_run_s": firsts[1],
+            "cache_speedup": firsts[0] / firsts[1]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = CONTESTANTS[args.worker](args)
+    result.update(peak_memory_mb())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", help="ImageFolder root with train/ and test/ (default: synthetic)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=20, help="throughput window per contestant")
+    parser.add_argument("--target", type=float, default=0.54, help="test accuracy for time-to-target")
+    parser.add_argument("--max-seconds", type=float, default=400, help="cap for the tutorial's time to target")
+    parser.add_argument("--trainkit-epochs", type=int, default=15)
+    parser.add_argument("--synthetic-size", type=int, default=20000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", nargs="*", choices=list(CONTESTANTS), default=list(CONTESTANTS))
+    parser.add_argument("--worker", choices=list(CONTESTANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    results = {}
+    for name in args.only:
+        command = [sys.executable, __file__, "--worker", name, "--batch-size", str(args.batch_size),
+                   "--seconds", str(args.seconds), "--target", str(args.target),
+                   "--max-seconds", str(args.max_seconds), "--trainkit-epochs", str(args.trainkit_epochs),
+                   "--synthetic-size", str(args.synthetic_size), "--threads", str(args.threads)]
+        command += ["--data", args.data] if args.data else []
+        print(f"running {name}…", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"  {name} failed: {tail}", file=sys.stderr)
+            continue
+        results[name] = json.loads(line[len("RESULT "):])
+
+    print(f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), {args.threads} threads, "
+          f"data: {args.data or f'synthetic {args.synthetic_size} images 3x32x32'}\n")
+    print(f"{'contestant':<15}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
+    for name, r in results.items():
+        peak = r.get("peak_memory_mb_child") or r["peak_mb"]
+        target = f"{r['seconds_to_target']:.1f} s" if "seconds_to_target" in r else "-"
+        accuracy = f"{100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else "-"
+        print(f"{name:<15}{r['images_per_s']:>10,.0f}{peak:>10,.0f}{target:>12}{accuracy:>11}")
+    if "trainkit" in results:
+        ours = results["trainkit"]["images_per_s"]
+        print()
+        for other in ("tutorial", "lightning", "compute_limit"):
+            if other in results:
+                print(f"trainkit / {other:<14} {ours / results[other]['images_per_s']:6.2f} x")
+        if "seconds_to_target" in results["trainkit"] and "tutorial" in results:
+            tutorial = results["tutorial"].get("seconds_to_target")
+            if tutorial:
+                print(f"time to {100 * args.target:.0f}%: trainkit / tutorial "
+                      f"{results['trainkit']['seconds_to_target'] / tutorial:6.3f}")
+        startup = startup_figures(results["trainkit"]["checkpoint"])
+        print(f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "
+              f"{startup['predict_s']:.2f} s; python -c 'import torch, torchvision' "
+              f"{startup['import_torch_torchvision_s']:.2f} s; predict / import "
+              f"{startup['predict_over_import']:.2f}")
+        if args.data:
+            cache = cache_figures(args)
+            print(f"first training step: first run {cache['first_step_first_run_s']:.1f} s, second "
+                  f"run {cache['first_step_second_run_s']:.1f} s ({cache['cache_speedup']:.1f}x sooner)")
+
+
+if __name__ == "__main__":
+    main()
