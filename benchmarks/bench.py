@@ -159,7 +159,7 @@ def run_lightning(args) -> dict:
             self.start, self.seen = None, 0
 
         def on_train_batch_end(self, trainer, module, outputs, batch, index):
-            if index == 5:  # after warm-up (workers started)
+            if self.start is None and index == 5:  # after warm-up (workers started)
                 self.start, self.seen = time.perf_counter(), 0
             elif self.start is not None:
                 self.seen += len(batch[1])
@@ -182,8 +182,10 @@ def run_compute_limit(args) -> dict:
     torch.manual_seed(0)
     model = lenet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = torch.randn(args.batch_size, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch_size,))
+    train, _ = per_image_datasets(args)  # one real batch of the same images, preprocessed
+    pairs = [train[i] for i in range(args.batch_size)]
+    x = torch.stack([image for image, _ in pairs])
+    y = torch.tensor([label for _, label in pairs])
     for _ in range(20):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)

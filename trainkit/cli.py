@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: importing rich to draw it would double `--help` time
     help="Train, evaluate and serve image classifiers from one YAML file.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
