@@ -8,6 +8,19 @@ from torch import nn
 SMALL_INPUT_LIMIT = 64  # below this side the classic stride-4 stem would leave no pixels
 
 
+def _classifier(features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """AlexNet's head: dropout → fc → ReLU → dropout → fc → ReLU → fc."""
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 class AlexNet(nn.Module):
     """Classic AlexNet (as in torchvision: 64-192-384-256-256 convs, dropout classifier)."""
 
@@ -29,15 +42,7 @@ class AlexNet(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(256 * 6 * 6, 4096),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(4096, 4096),
-            nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
-        )
+        self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, 224, 224) -> (B, num_classes)
         x = self.avgpool(self.features(x))
@@ -65,15 +70,7 @@ class SmallAlexNet(nn.Module):
             nn.MaxPool2d(2),  # 8 -> 4
         )
         self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(256 * 4 * 4, 1024),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(1024, 1024),
-            nn.ReLU(inplace=True),
-            nn.Linear(1024, num_classes),
-        )
+        self.classifier = _classifier(256 * 4 * 4, 1024, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, 32, 32) -> (B, num_classes)
         x = self.avgpool(self.features(x))
