@@ -130,5 +130,6 @@ def test_no_unsafe_loading_in_the_code():
     root = Path(__file__).resolve().parent.parent / "trainkit"
     for source in root.rglob("*.py"):
         text = source.read_text()
-        assert "weights_only=False" not in text.replace(" ", ""), source
+        unsafe = "weights_only=" + "False"  # spelled in two parts so this file never contains it
+        assert unsafe not in text.replace(" ", ""), source
         assert "pickle.load" not in text and "yaml.unsafe_load" not in text, source

@@ -260,7 +260,11 @@ def _yaml_error_line(error: yaml.YAMLError) -> str:
 
 def parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _StrictSafeLoader(text)  # a SafeLoader: no python tags, no duplicate keys
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise ConfigError(source, _yaml_error_line(error)) from None
 

@@ -8,6 +8,18 @@ from torch import nn
 SMALL_INPUT_LIMIT = 64  # below this side the classic stride-4 stem would leave no pixels
 
 
+def _middle_convs() -> list[nn.Module]:
+    """AlexNet's three 3x3 convs (192 → 384 → 256 → 256), shared by both forms."""
+    return [
+        nn.Conv2d(192, 384, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+    ]
+
+
 def _classifier(features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     """AlexNet's head: dropout → fc → ReLU → dropout → fc → ReLU → fc."""
     return nn.Sequential(
@@ -33,12 +45,7 @@ class AlexNet(nn.Module):
             nn.Conv2d(64, 192, kernel_size=5, padding=2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            *_middle_convs(),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
@@ -61,12 +68,7 @@ class SmallAlexNet(nn.Module):
             nn.Conv2d(64, 192, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),  # 16 -> 8
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            *_middle_convs(),
             nn.MaxPool2d(2),  # 8 -> 4
         )
         self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
