@@ -1,0 +1,178 @@
+"""On-disk decoded cache for image files: decode once, then load a uint8 tensor in a blink.
+
+The cache file is keyed by the file list, each file's size and modification time, and the
+target channels and size, so any change to the images (or the preprocessing) rebuilds it. It
+lives in `data.cache_dir`, else `<root>/.trainkit_cache`, else — when root is read-only — the
+user cache directory (`$XDG_CACHE_HOME/trainkit` or `~/.cache/trainkit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainkit.errors import TrainkitError
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    root: str
+    cache_dir: str | None
+    num_workers: int
+    skip_bad_images: bool
+
+    @classmethod
+    def from_config(cls, data) -> CacheSettings:
+        return cls(data.root, data.cache_dir, data.num_workers, data.skip_bad_images)
+
+
+def cache_key(paths: list[Path], channels: int, size: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_FORMAT} c{channels} s{size}\n".encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _writable_dir(candidate: Path) -> bool:
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(candidate, os.W_OK)
+
+
+def cache_directory(settings: CacheSettings) -> Path:
+    if settings.cache_dir:
+        return Path(settings.cache_dir)
+    beside = Path(settings.root) / ".trainkit_cache"
+    if _writable_dir(beside):
+        return beside
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "trainkit"
+
+
+class _Guarded(Dataset):
+    """Return decode errors as values so one bad file is reported by name, not as a crash."""
+
+    def __init__(self, base: Dataset, channels: int, size: int):
+        self.base, self.shape = base, (channels, size, size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.base[index][0], ""
+        except TrainkitError as error:
+            return torch.zeros(self.shape, dtype=torch.uint8), str(error)
+
+
+def _collate(batch):
+    return torch.stack([image for image, _ in batch]), [error for _, error in batch]
+
+
+def decode_all(
+    items: Dataset, channels: int, size: int, num_workers: int
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Decode every item into one uint8 (N, C, H, W) tensor; return it and the failures."""
+    count = len(items)
+    images = torch.empty(count, channels, size, size, dtype=torch.uint8)
+    failures: list[tuple[int, str]] = []
+    loader = DataLoader(
+        _Guarded(items, channels, size),
+        batch_size=256,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    start, done = time.perf_counter(), 0
+    progress = _Progress(count)
+    for batch, errors in loader:
+        images[done : done + batch.shape[0]] = batch
+        failures += [(done + i, e) for i, e in enumerate(errors) if e]
+        done += batch.shape[0]
+        progress.update(done)
+    progress.close(time.perf_counter() - start)
+    return images, failures
+
+
+class _Progress:
+    """A rich bar on a terminal, one line at start and end otherwise (stderr)."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(f"decoding {total} images", total=total)
+        else:
+            print(f"decoding {total} images once into the tensor cache…", file=sys.stderr, flush=True)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def close(self, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        print(f"decoded {self.total} images in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def load_or_build_cache(
+    items: Dataset, paths: list[Path], channels: int, size: int, settings: CacheSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """→ (images uint8 (N', C, H, W), kept indices or None when every image decoded)."""
+    key = cache_key(paths, channels, size)
+    directory = cache_directory(settings)
+    path = directory / f"{key}.pt"
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state.get("format") == CACHE_FORMAT:
+                return state["images"], state.get("kept")
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    images, failures = decode_all(items, channels, size, settings.num_workers)
+    kept = None
+    if failures:
+        if not settings.skip_bad_images:
+            index, message = failures[0]
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise TrainkitError(f"{message}{more}; set data.skip_bad_images=true to skip them")
+        for _, message in failures:
+            print(f"warning: skipped {message}", file=sys.stderr)
+        bad = torch.tensor([i for i, _ in failures])
+        mask = torch.ones(len(paths), dtype=torch.bool)
+        mask[bad] = False
+        kept = torch.nonzero(mask).squeeze(1)
+        images = images[kept]
+    if _writable_dir(directory):
+        state = {"format": CACHE_FORMAT, "images": images}
+        if kept is not None:
+            state["kept"] = kept
+        _save_state_atomic(state, path)
+    return images, kept
+
+
+def _save_state_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write the decoded cache {path}: {error}", file=sys.stderr)

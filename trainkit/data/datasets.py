@@ -1,0 +1,320 @@
+"""Dataset builders: name → splits of labelled uint8 images at the model's channels and size.
+
+Every split offers two views of the same pixels:
+- `tensors()`: all images decoded once into uint8 (N, C, H, W) + int64 labels (the fast path);
+- `dataset()`: a per-item torch Dataset of (uint8 (C, H, W), label) for the DataLoader path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from trainkit.config import DataConfig
+from trainkit.data.preprocess import IMAGE_EXTENSIONS, decode_image, resize, to_channels
+from trainkit.errors import ConfigError, TrainkitError, unknown_choice
+
+
+
+class Split:
+    """One split of a dataset. Subclasses give `__len__`, `labels`, `tensors`, `dataset`."""
+
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def nbytes(self, channels: int, image_size: int) -> int:
+        return len(self) * channels * image_size * image_size
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def subset(self, indices: torch.Tensor) -> Split:
+        return SubsetSplit(self, indices)
+
+
+class _ArrayItems(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int):
+        self.images, self.labels, self.channels, self.size = images, labels, channels, size
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int):
+        image = resize(to_channels(self.images[index], self.channels), self.size)
+        return image.contiguous(), int(self.labels[index])
+
+
+class ArraySplit(Split):
+    """Images already in memory (torchvision's arrays, synthetic), any channels and size."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int):
+        self.images = images  # (N, C0, H0, W0) uint8, possibly a view
+        self.labels = labels.to(torch.int64)
+        self.channels, self.size = channels, size
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images.shape[1] == self.channels and self.images.shape[-1] == self.size:
+            return self.images.contiguous(), self.labels
+        out = torch.empty(len(self), self.channels, self.size, self.size, dtype=torch.uint8)
+        for start in range(0, len(self), 2048):
+            chunk = self.images[start : start + 2048]
+            out[start : start + chunk.shape[0]] = resize(to_channels(chunk, self.channels), self.size)
+        return out, self.labels
+
+    def dataset(self) -> Dataset:
+        return _ArrayItems(self.images, self.labels, self.channels, self.size)
+
+
+class _FileItems(Dataset):
+    def __init__(self, paths: list[Path], labels: torch.Tensor, channels: int, size: int):
+        self.paths, self.labels, self.channels, self.size = paths, labels, channels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return decode_image(self.paths[index], self.channels, self.size), int(self.labels[index])
+
+
+class FileSplit(Split):
+    """Image files decoded with PIL; `tensors()` goes through the on-disk decoded cache."""
+
+    def __init__(self, paths: list[Path], labels: list[int], channels: int, size: int, cache: Any):
+        self.paths = paths
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.channels, self.size = channels, size
+        self.cache = cache  # a trainkit.data.cache.CacheSettings
+        self.kept: torch.Tensor | None = None  # indices that decoded, once some were skipped
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from trainkit.data.cache import load_or_build_cache
+
+        images, kept = load_or_build_cache(
+            self.dataset(), self.paths, self.channels, self.size, self.cache
+        )
+        if kept is not None:  # unreadable files skipped (data.skip_bad_images)
+            self.kept = kept
+            return images, self.labels[kept]
+        return images, self.labels
+
+    def dataset(self) -> Dataset:
+        return _FileItems(self.paths, self.labels, self.channels, self.size)
+
+
+class _SubsetItems(Dataset):
+    def __init__(self, base: Dataset, indices: torch.Tensor):
+        self.base, self.indices = base, indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+
+class SubsetSplit(Split):
+    def __init__(self, base: Split, indices: torch.Tensor):
+        self.base, self.indices = base, indices
+        self.labels = base.labels[indices]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.base.tensors()
+        indices = self.indices
+        kept = getattr(self.base, "kept", None)
+        if kept is not None:  # renumber past the images the base skipped
+            position = torch.full((len(self.base.labels),), -1, dtype=torch.int64)
+            position[kept] = torch.arange(len(kept))
+            indices = position[indices]
+            indices = indices[indices >= 0]
+        return images[indices], labels[indices]
+
+    def dataset(self) -> Dataset:
+        return _SubsetItems(self.base.dataset(), self.indices)
+
+
+@dataclass
+class Splits:
+    """train / val / test splits plus what the model needs to know about them."""
+
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    channels: int  # after conversion (model input channels)
+    image_size: int  # after resizing (model input side)
+    native_channels: int
+
+    def get(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ConfigError("split", unknown_choice("split", name, ["train", "val", "test"]))
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------- builders
+# A raw builder returns (train, val_or_None, test_or_None, classes, native_channels, native_size)
+# with ArraySplit/FileSplit objects created lazily through `make(images...)` callbacks.
+
+
+@dataclass
+class RawSplits:
+    train: tuple
+    val: tuple | None
+    test: tuple | None
+    classes: list[str]
+    native_channels: int
+    native_size: int
+    kind: str  # "array" or "files"
+
+
+def _synthetic(data: DataConfig) -> RawSplits:
+    from trainkit.data.synthetic import CLASSES, make_synthetic
+
+    cfg = data.synthetic
+    train = make_synthetic(cfg.train_size, "train", cfg.image_size, cfg.channels, cfg.noise)
+    test = make_synthetic(cfg.test_size, "test", cfg.image_size, cfg.channels, cfg.noise)
+    return RawSplits(train, None, test, list(CLASSES), cfg.channels, cfg.image_size, "array")
+
+
+_TORCHVISION_FOLDERS = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "mnist": "MNIST/raw",
+    "fashion_mnist": "FashionMNIST/raw",
+}
+
+
+def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
+    def build(data: DataConfig) -> RawSplits:
+        import torchvision.datasets as tvd
+
+        cls = {
+            "cifar10": tvd.CIFAR10,
+            "cifar100": tvd.CIFAR100,
+            "mnist": tvd.MNIST,
+            "fashion_mnist": tvd.FashionMNIST,
+        }[name]
+        where = Path(data.root) / _TORCHVISION_FOLDERS[name]
+        splits = []
+        for train in (True, False):
+            try:
+                ds = cls(root=data.root, train=train, download=data.download)
+            except Exception as error:  # RuntimeError when missing; URLError etc. when offline
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
+                if data.download:
+                    raise TrainkitError(
+                        f"{name}: download failed ({first}); without network, put the files in {where}"
+                    ) from None
+                if "not found" in str(error).lower():
+                    raise TrainkitError(
+                        f"{name} not found under {data.root}: put the files in {where} "
+                        "or set data.download=true"
+                    ) from None
+                raise TrainkitError(f"{name}: {first}") from None
+            images = torch.as_tensor(ds.data)
+            # (N, H, W, 3) for CIFAR, (N, H, W) for MNIST → (N, C, H, W) views
+            images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
+            splits.append((images, torch.as_tensor(ds.targets, dtype=torch.int64)))
+            classes = list(ds.classes)
+        channels, size = splits[0][0].shape[1], splits[0][0].shape[-1]
+        return RawSplits(splits[0], None, splits[1], classes, channels, size, "array")
+
+    return build
+
+
+def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise TrainkitError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [], []
+    for name in found:
+        if name not in index:
+            raise TrainkitError(f"{folder / name}: class not in the training classes")
+        for path in sorted((folder / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                paths.append(path)
+                labels.append(index[name])
+    if not paths:
+        raise TrainkitError(f"{folder}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return paths, labels, classes
+
+
+def _imagefolder(data: DataConfig) -> RawSplits:
+    from PIL import Image
+
+    root = Path(data.root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise TrainkitError(f"imagefolder: {train_dir} not found (expected {root}/train/<class>/...)")
+    train = _scan_folder(train_dir, None)
+    classes = train[2]
+    val = _scan_folder(root / "val", classes) if (root / "val").is_dir() else None
+    test = _scan_folder(root / "test", classes) if (root / "test").is_dir() else None
+    try:
+        with Image.open(train[0][0]) as first:
+            mode, (width, height) = first.mode, first.size
+    except OSError as error:
+        raise TrainkitError(f"{train[0][0]}: cannot read image ({error})") from None
+    channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return RawSplits(train[:2], val and val[:2], test and test[:2], classes, channels, max(width, height), "files")
+
+
+DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {
+    "synthetic": _synthetic,
+    "cifar10": _torchvision("cifar10"),
+    "cifar100": _torchvision("cifar100"),
+    "mnist": _torchvision("mnist"),
+    "fashion_mnist": _torchvision("fashion_mnist"),
+    "imagefolder": _imagefolder,
+}
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ConfigError("data.name", unknown_choice("dataset", name, DATASETS))
+
+
+def build_splits(data: DataConfig, seed: int) -> Splits:
+    """Build the train/val/test splits. See the README for how val and test are chosen."""
+    check_dataset_name(data.name)
+    raw = DATASETS[data.name](data)
+    channels = data.channels or raw.native_channels
+    size = data.image_size or raw.native_size
+
+    if raw.kind == "array":
+        make = lambda part: ArraySplit(part[0], part[1], channels, size)  # noqa: E731
+    else:
+        from trainkit.data.cache import CacheSettings
+
+        settings = CacheSettings.from_config(data)
+        make = lambda part: FileSplit(part[0], part[1], channels, size, settings)  # noqa: E731
+
+    train = make(raw.train)
+    val = make(raw.val) if raw.val else None
+    test = make(raw.test) if raw.test else None
+    fraction = data.val_fraction
+    if fraction is None:
+        fraction = 0.0 if (val or test) else 0.1
+    if val is None and (fraction > 0 or test is None):
+        if fraction <= 0:
+            raise ConfigError("data.val_fraction", "this dataset has only a train split; set a fraction > 0")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        held = max(1, int(round(len(train) * fraction)))
+        if held >= len(train):
+            raise ConfigError("data.val_fraction", f"leaves no training images ({len(train)} in all)")
+        val = train.subset(order[:held].sort().values)
+        train = train.subset(order[held:].sort().values)
+    val = val or test
+    test = test or val
+    return Splits(train, val, test, raw.classes, channels, size, raw.native_channels)

@@ -1,0 +1,169 @@
+"""Batches for the trainer: the in-memory tensor path and the DataLoader path, same order.
+
+Both paths draw the epoch's order from `epoch_order(seed, epoch)`, cut it into global batches
+and give each process its `rank::world` share of every batch, so a run is the same whichever
+path (or world size) feeds it, and a resume only needs (epoch, batch index). Images arrive as
+uint8 (B, C, H, W) on the training device; `BatchTransform` augments and normalizes them there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from trainkit.config import AugmentConfig
+from trainkit.data.preprocess import Preprocess
+
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # images (b, C, H, W) uint8, labels (b,), global b
+
+
+def epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(size)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(size, generator=generator)
+
+
+class _Batching:
+    """Order, global batch cutting and rank sharding shared by both sources."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def global_sizes(self) -> list[int]:
+        full, rest = divmod(self.size, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest else [])
+
+    def index_batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        order = epoch_order(self.size, self.seed, epoch, self.shuffle)
+        for i in range(start, len(self)):
+            yield order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
+
+
+class TensorSource(_Batching):
+    """The fast path: the whole split as one uint8 tensor on the training device."""
+
+    def __init__(self, images, labels, batch_size, seed, shuffle, device, rank=0, world=1):
+        super().__init__(images.shape[0], batch_size, seed, shuffle, rank, world)
+        self.images = images.to(device)  # (N, C, H, W) uint8
+        self.labels = labels.to(device)  # (N,)
+        self.device = self.images.device
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        sizes = self.global_sizes()
+        for i, index in enumerate(self.index_batches(epoch, start), start):
+            index = index.to(self.device, non_blocking=True)
+            yield self.images.index_select(0, index), self.labels.index_select(0, index), sizes[i]
+
+
+class _EpochBatchSampler(Sampler):
+    def __init__(self, batching: _Batching):
+        self.batching, self.epoch, self.start = batching, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return len(self.batching) - self.start
+
+    def __iter__(self):
+        for index in self.batching.index_batches(self.epoch, self.start):
+            yield index.tolist()
+
+
+class LoaderSource(_Batching):
+    """The DataLoader path: per-image decode in worker processes, same batches as above."""
+
+    def __init__(self, dataset: Dataset, batch_size, seed, shuffle, device, num_workers,
+                 rank=0, world=1):
+        super().__init__(len(dataset), batch_size, seed, shuffle, rank, world)
+        self.device = torch.device(device)
+        self.sampler = _EpochBatchSampler(self)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch, start)
+        sizes = self.global_sizes()
+        for i, (images, labels) in enumerate(self.loader, start):
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+                sizes[i],
+            )
+
+
+class BatchTransform:
+    """uint8 batch → normalized float batch, with batched random augmentation when training.
+
+    Random parameters are drawn for the whole global batch from one seeded CPU generator (saved
+    in checkpoints), then this process takes its `rank::world` rows, so augmentation is the
+    same at any world size and after a resume.
+    """
+
+    def __init__(self, preprocess: Preprocess, augment: AugmentConfig | None, seed: int = 0):
+        self.preprocess = preprocess
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed + 7)
+
+    @property
+    def active(self) -> bool:
+        a = self.augment
+        return bool(a and (a.crop_padding or a.hflip or a.brightness or a.contrast))
+
+    def __call__(self, images: torch.Tensor, global_size: int | None = None, rank: int = 0,
+                 world: int = 1) -> torch.Tensor:
+        if not self.active:
+            return self.preprocess.normalize(images)
+        a, g = self.augment, self.generator
+        n = global_size or images.shape[0]
+        share = slice(rank, None, world)
+        device = images.device
+        if a.crop_padding or a.hflip:
+            p = a.crop_padding
+            offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=g) if p else torch.zeros(n, 2, dtype=torch.int64)
+            flips = torch.rand(n, generator=g) < 0.5 if a.hflip else torch.zeros(n, dtype=torch.bool)
+            images = crop_and_flip(images, offsets[share].to(device), flips[share].to(device), p)
+        if not (a.brightness or a.contrast):
+            return self.preprocess.normalize(images)
+        x = images.float().div_(255.0)  # (b, C, H, W) in [0, 1]
+        if a.brightness:
+            factor = 1 + (torch.rand(n, generator=g)[share] * 2 - 1) * a.brightness
+            x = x * factor.to(device).view(-1, 1, 1, 1)
+        if a.contrast:
+            factor = 1 + (torch.rand(n, generator=g)[share] * 2 - 1) * a.contrast
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * factor.to(device).view(-1, 1, 1, 1) + mean
+        x = x.clamp_(0, 1)
+        mean = torch.tensor(self.preprocess.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad by `pad`, crop back to (H, W) at a per-sample (dy, dx), mirror where `flips`.
+
+    One gather over the flattened pixels: ~5x faster on CPU than 4-D advanced indexing and
+    than a separate torch.where flip, and a single kernel on GPU.
+    """
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+    width = w + 2 * pad
+    columns = torch.arange(w, device=images.device)
+    columns = torch.where(flips.view(b, 1), w - 1 - columns, columns) + offsets[:, 1:2]  # (b, W)
+    rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (b, H)
+    index = (rows[:, :, None] * width + columns[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)

@@ -1,0 +1,58 @@
+"""Data for a run: splits → (tensor or DataLoader) batch sources + the preprocessing record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainkit.config import DataConfig
+from trainkit.data.datasets import Split, Splits, build_splits, check_dataset_name
+from trainkit.data.loader import BatchTransform, LoaderSource, TensorSource
+from trainkit.data.preprocess import Preprocess, compute_stats, stats_for
+
+
+
+
+@dataclass
+class DataBundle:
+    splits: Splits
+    preprocess: Preprocess
+    in_memory: bool  # the fast tensor path (else DataLoader)
+
+
+def _use_memory(data: DataConfig, splits: Splits, parts: list[Split]) -> bool:
+    if data.cache != "auto":
+        return data.cache == "memory"
+    total = sum(part.nbytes(splits.channels, splits.image_size) for part in parts)
+    return total <= data.cache_memory_gb * 1e9
+
+
+def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    items = split.dataset()
+    count = min(len(items), 2000)
+    index = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:count]
+    return compute_stats(torch.stack([items[int(i)][0] for i in index]))
+
+
+def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> DataBundle:
+    splits = build_splits(data, seed)
+    parts = [splits.get(name) for name in dict.fromkeys(splits_needed)]
+    in_memory = _use_memory(data, splits, parts)
+    stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
+    if stats is None:
+        if in_memory:
+            stats = compute_stats(splits.train.tensors()[0])
+        else:
+            stats = _sample_stats(splits.train)
+        print(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)", flush=True)
+    preprocess = Preprocess(splits.channels, splits.image_size, stats[0], stats[1])
+    return DataBundle(splits, preprocess, in_memory)
+
+
+def make_source(split: Split, in_memory: bool, batch_size: int, seed: int, shuffle: bool,
+                device: torch.device, num_workers: int, rank: int = 0, world: int = 1):
+    if in_memory:
+        images, labels = split.tensors()
+        return TensorSource(images, labels, batch_size, seed, shuffle, device, rank, world)
+    return LoaderSource(split.dataset(), batch_size, seed, shuffle, device, num_workers, rank, world)

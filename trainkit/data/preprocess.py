@@ -1,0 +1,203 @@
+"""The one definition of preprocessing, shared by train, eval and predict.
+
+An image becomes a uint8 tensor (C, H, W) with the model's channels and size (`decode_image`
+for files, `to_channels` + `resize` for arrays); batches of those become normalized floats with
+`Preprocess.normalize`. The Preprocess record is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from trainkit.errors import TrainkitError
+
+# Refuse images whose declared size is above this many pixels before decoding them
+# (a decompression bomb is a tiny file declaring a huge canvas).
+MAX_IMAGE_PIXELS = 64_000_000
+# Transparent pixels are composited on this background before dropping alpha.
+ALPHA_BACKGROUND = (255, 255, 255)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw images become model inputs: channels, square size, per-channel mean/std."""
+
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Preprocess:
+        return cls(
+            channels=int(state["channels"]),
+            image_size=int(state["image_size"]),
+            mean=tuple(float(m) for m in state["mean"]),
+            std=tuple(float(s) for s in state["std"]),
+        )
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 → float32 with (x / 255 - mean) / std, in one fused pass."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=images.device)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device)
+        return torch.addcmul(-shift.view(1, -1, 1, 1), images.float(), scale.view(1, -1, 1, 1))
+
+
+def stats_for(
+    normalization: Any, dataset_name: str, channels: int, native_channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean/std from the config; None means 'compute them from the training images'."""
+    if normalization == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    if normalization == "half":
+        return (0.5,) * channels, (0.5,) * channels
+    if normalization == "imagenet":
+        if channels == 3:
+            return IMAGENET_STATS
+        mean, std = IMAGENET_STATS
+        return (sum(mean) / 3,), (sum(std) / 3,)
+    if normalization == "dataset":
+        if dataset_name in KNOWN_STATS and channels == native_channels:
+            return KNOWN_STATS[dataset_name]
+        return None
+    mean, std = tuple(normalization.mean), tuple(normalization.std)
+    if len(mean) != channels or len(std) != channels:
+        from trainkit.errors import ConfigError
+
+        raise ConfigError("data.normalization", f"mean and std need {channels} values each")
+    return mean, std
+
+
+def compute_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a uint8 (N, C, H, W) tensor, in chunks to bound memory."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for start in range(0, images.shape[0], 4096):
+        # float32 within a chunk (torch sums pairwise), float64 across chunks: 3x faster
+        chunk = images[start : start + 4096].to("cpu", torch.float32)
+        total += chunk.sum(dim=(0, 2, 3)).double()
+        total_sq += (chunk * chunk).sum(dim=(0, 2, 3)).double()
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    total, total_sq = total / 255.0, total_sq / 255.0**2
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std)
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (..., C, H, W) with C in {1, 3} → `channels` (ITU-R 601 luma for RGB → L)."""
+    have = images.shape[-3]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(*images.shape[:-3], 3, *images.shape[-2:]).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(3, 1, 1)
+        gray = (images.float() * weights).sum(dim=-3, keepdim=True)
+        return gray.round_().clamp_(0, 255).to(torch.uint8)
+    raise TrainkitError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (..., C, H, W) → (..., C, size, size), bilinear with antialiasing."""
+    if images.shape[-2:] == (size, size):
+        return images
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(images, [size, size], antialias=True)
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, ALPHA_BACKGROUND + (255,))
+        image = Image.alpha_composite(background, image).convert("RGB")
+    return image
+
+
+def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit modes are scaled to 0..255, never clipped."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = array.astype(np.float32) / 65535.0
+    elif image.mode == "F":
+        scaled = np.clip(array.astype(np.float32), 0.0, 1.0) if array.max() <= 1.0 else (
+            array.astype(np.float32) / max(float(array.max()), 1e-12)
+        )
+    else:  # "I": 32-bit ints, usually 16-bit data widened by PIL
+        top = 65535.0 if array.max() <= 65535 else float(array.max())
+        scaled = np.clip(array.astype(np.float64), 0, None) / top
+    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+
+
+def pil_to_uint8(image: Image.Image, channels: int) -> torch.Tensor:
+    """Any PIL image (L, LA, RGB, RGBA, P, CMYK, 16-bit, EXIF-rotated) → uint8 (C, H, W)."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_depth_to_uint8(image)
+    image = _flatten_alpha(image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def open_image(path) -> Image.Image:
+    """Open (header only) and refuse decompression bombs before any pixel is allocated."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise TrainkitError(f"{path}: refused, image too large ({error})") from None
+    except Image.DecompressionBombWarning as error:
+        raise TrainkitError(f"{path}: refused, image too large ({error})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise TrainkitError(f"{path}: refused, declares {width}x{height} pixels")
+    return image
+
+
+def decode_image(path, channels: int, image_size: int | None) -> torch.Tensor:
+    """File → uint8 (C, H, W) with the given channels and size; one-line error when unreadable."""
+    try:
+        with open_image(path) as image:
+            image.seek(0)  # animated GIF/PNG/WebP: the first frame
+            image.load()
+            tensor = pil_to_uint8(image, channels)
+    except TrainkitError:
+        raise
+    except FileNotFoundError:
+        raise TrainkitError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
+        reason = str(error).split("\n")[0] or type(error).__name__
+        raise TrainkitError(f"{path}: cannot read image ({reason})") from None
+    return resize(tensor, image_size) if image_size else tensor
