@@ -7,6 +7,7 @@ no allowlist, and a file that asks to run code is refused by torch's restricted 
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,9 @@ def _describe_unpickling_error(error: Exception) -> str:
         line = line.strip()
         if "Unsupported global" in line or "unsupported global" in line.lower():
             return line.rstrip(".") + " (refused: checkpoints must not contain code)"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return first
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = f"{type(error).__name__}: {first[:120]}" if first else type(error).__name__
+    return f"corrupt, truncated or not a torch file ({detail})"
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -105,7 +107,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
             raise TrainkitError(f"{path}: a TorchScript archive, refused (it can run code)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        # torch warns (on stderr, once per process) about odd pickle protocols in junk
+        # files before failing; the one-line error below says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for hostile or broken files
         raise TrainkitError(f"{path}: cannot load checkpoint: {_describe_unpickling_error(error)}") from None
     if not isinstance(state, dict) or "format_version" not in state:
