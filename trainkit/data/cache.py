@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainkit.data.preprocess import compute_stats
 from trainkit.errors import TrainkitError
 
-CACHE_FORMAT = 1
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+CACHE_FORMAT = 2  # 2: normalization statistics stored with the images
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,10 @@ class CacheSettings:
         return cls(data.root, data.cache_dir, data.num_workers, data.skip_bad_images)
 
 
-def cache_key(paths: list[Path], channels: int, size: int) -> str:
+def cache_key(paths: list[str], stamps: list[tuple[int, int]], channels: int, size: int) -> str:
+    """Digest of the format, target shape and every file's path, size and mtime (ns)."""
     digest = hashlib.sha256(f"v{CACHE_FORMAT} c{channels} s{size}\n".encode())
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    digest.update("".join(f"{path}\0{nbytes}\0{mtime}\n" for path, (nbytes, mtime) in zip(paths, stamps)).encode())
     return digest.hexdigest()[:24]
 
 
@@ -130,17 +132,19 @@ class _Progress:
 
 
 def load_or_build_cache(
-    items: Dataset, paths: list[Path], channels: int, size: int, settings: CacheSettings
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """→ (images uint8 (N', C, H, W), kept indices or None when every image decoded)."""
-    key = cache_key(paths, channels, size)
+    items: Dataset, paths: list[str], stamps: list[tuple[int, int]], channels: int, size: int,
+    settings: CacheSettings,
+) -> tuple[torch.Tensor, torch.Tensor | None, Stats]:
+    """→ (images uint8 (N', C, H, W), kept indices or None when every image decoded, and the
+    images' per-channel (mean, std), computed once here so later runs skip that pass)."""
+    key = cache_key(paths, stamps, channels, size)
     directory = cache_directory(settings)
     path = directory / f"{key}.pt"
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if state.get("format") == CACHE_FORMAT:
-                return state["images"], state.get("kept")
+                return state["images"], state.get("kept"), tuple(map(tuple, state["stats"]))
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     images, failures = decode_all(items, channels, size, settings.num_workers)
@@ -157,12 +161,13 @@ def load_or_build_cache(
         mask[bad] = False
         kept = torch.nonzero(mask).squeeze(1)
         images = images[kept]
+    stats = compute_stats(images)
     if _writable_dir(directory):
-        state = {"format": CACHE_FORMAT, "images": images}
+        state = {"format": CACHE_FORMAT, "images": images, "stats": [list(s) for s in stats]}
         if kept is not None:
             state["kept"] = kept
         _save_state_atomic(state, path)
-    return images, kept
+    return images, kept, stats
 
 
 def _save_state_atomic(state: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ Every split offers two views of the same pixels:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainkit.config import DataConfig
-from trainkit.data.preprocess import IMAGE_EXTENSIONS, decode_image, resize, to_channels
+from trainkit.data.preprocess import IMAGE_EXTENSIONS, compute_stats, decode_image, resize, to_channels
 from trainkit.errors import ConfigError, TrainkitError, unknown_choice
 
 
@@ -37,6 +38,10 @@ class Split:
 
     def dataset(self) -> Dataset:
         raise NotImplementedError
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of the decoded images in [0, 1]."""
+        return compute_stats(self.tensors()[0])
 
     def subset(self, indices: torch.Tensor) -> Split:
         return SubsetSplit(self, indices)
@@ -75,8 +80,17 @@ class ArraySplit(Split):
         return _ArrayItems(self.images, self.labels, self.channels, self.size)
 
 
+@dataclass
+class FileList:
+    """An image folder's files in sorted order, with (size, mtime_ns) stamps for the cache key."""
+
+    paths: list[str]
+    labels: list[int]
+    stamps: list[tuple[int, int]]
+
+
 class _FileItems(Dataset):
-    def __init__(self, paths: list[Path], labels: torch.Tensor, channels: int, size: int):
+    def __init__(self, paths: list[str], labels: torch.Tensor, channels: int, size: int):
         self.paths, self.labels, self.channels, self.size = paths, labels, channels, size
 
     def __len__(self) -> int:
@@ -89,18 +103,24 @@ class _FileItems(Dataset):
 class FileSplit(Split):
     """Image files decoded with PIL; `tensors()` goes through the on-disk decoded cache."""
 
-    def __init__(self, paths: list[Path], labels: list[int], channels: int, size: int, cache: Any):
-        self.paths = paths
-        self.labels = torch.tensor(labels, dtype=torch.int64)
+    def __init__(self, files: FileList, channels: int, size: int, cache: Any):
+        self.paths, self.stamps = files.paths, files.stamps
+        self.labels = torch.tensor(files.labels, dtype=torch.int64)
         self.channels, self.size = channels, size
         self.cache = cache  # a trainkit.data.cache.CacheSettings
         self.kept: torch.Tensor | None = None  # indices that decoded, once some were skipped
+        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self._stats is None:
+            self.tensors()
+        return self._stats  # computed once when the cache was built, stored with it
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         from trainkit.data.cache import load_or_build_cache
 
-        images, kept = load_or_build_cache(
-            self.dataset(), self.paths, self.channels, self.size, self.cache
+        images, kept, self._stats = load_or_build_cache(
+            self.dataset(), self.paths, self.stamps, self.channels, self.size, self.cache
         )
         if kept is not None:  # unreadable files skipped (data.skip_bad_images)
             self.kept = kept
@@ -231,23 +251,43 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
     return build
 
 
-def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+def _image_files(directory: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image under `directory`, in sorted path order.
+
+    os.scandir hands back each entry's type without a stat and one stat per image gives the
+    cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat.
+    """
+    found: list[tuple[str, int, int]] = []
+    pending = [directory]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    stat = entry.stat()
+                    found.append((entry.path, stat.st_size, stat.st_mtime_ns))
+    found.sort()
+    return found
+
+
+def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, list[str]]:
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = classes or found
     if not classes:
         raise TrainkitError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
+    files = FileList([], [], [])
     for name in found:
         if name not in index:
             raise TrainkitError(f"{folder / name}: class not in the training classes")
-        for path in sorted((folder / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                paths.append(path)
-                labels.append(index[name])
-    if not paths:
+        for path, size, mtime in _image_files(str(folder / name)):
+            files.paths.append(path)
+            files.labels.append(index[name])
+            files.stamps.append((size, mtime))
+    if not files.paths:
         raise TrainkitError(f"{folder}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return paths, labels, classes
+    return files, classes
 
 
 def _imagefolder(data: DataConfig) -> RawSplits:
@@ -257,17 +297,16 @@ def _imagefolder(data: DataConfig) -> RawSplits:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise TrainkitError(f"imagefolder: {train_dir} not found (expected {root}/train/<class>/...)")
-    train = _scan_folder(train_dir, None)
-    classes = train[2]
-    val = _scan_folder(root / "val", classes) if (root / "val").is_dir() else None
-    test = _scan_folder(root / "test", classes) if (root / "test").is_dir() else None
+    train, classes = _scan_folder(train_dir, None)
+    val = _scan_folder(root / "val", classes)[0] if (root / "val").is_dir() else None
+    test = _scan_folder(root / "test", classes)[0] if (root / "test").is_dir() else None
     try:
-        with Image.open(train[0][0]) as first:
+        with Image.open(train.paths[0]) as first:
             mode, (width, height) = first.mode, first.size
     except OSError as error:
-        raise TrainkitError(f"{train[0][0]}: cannot read image ({error})") from None
+        raise TrainkitError(f"{train.paths[0]}: cannot read image ({error})") from None
     channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return RawSplits(train[:2], val and val[:2], test and test[:2], classes, channels, max(width, height), "files")
+    return RawSplits(train, val, test, classes, channels, max(width, height), "files")
 
 
 DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {
@@ -298,7 +337,7 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
         from trainkit.data.cache import CacheSettings
 
         settings = CacheSettings.from_config(data)
-        make = lambda part: FileSplit(part[0], part[1], channels, size, settings)  # noqa: E731
+        make = lambda files: FileSplit(files, channels, size, settings)  # noqa: E731
 
     train = make(raw.train)
     val = make(raw.val) if raw.val else None

@@ -12,8 +12,6 @@ from trainkit.data.loader import BatchTransform, LoaderSource, TensorSource
 from trainkit.data.preprocess import Preprocess, compute_stats, stats_for
 
 
-
-
 @dataclass
 class DataBundle:
     splits: Splits
@@ -42,7 +40,7 @@ def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> D
     stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
     if stats is None:
         if in_memory:
-            stats = compute_stats(splits.train.tensors()[0])
+            stats = splits.train.pixel_stats()
         else:
             stats = _sample_stats(splits.train)
         print(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)", flush=True)
