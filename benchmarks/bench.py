@@ -78,7 +78,7 @@ def per_image_datasets(args):
     return ArrayImages(*train, transform), ArrayImages(*test, transform)
 
 
-def test_accuracy(model, test_set) -> float:
+def test_accuracy(model, test_set, device) -> float:
     import torch
     from torch.utils.data import DataLoader
 
@@ -86,7 +86,7 @@ def test_accuracy(model, test_set) -> float:
     correct = total = 0
     with torch.inference_mode():
         for x, y in DataLoader(test_set, batch_size=1000, num_workers=2):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
             total += len(y)
     model.train()
     return correct / total
@@ -102,7 +102,7 @@ def run_tutorial(args) -> dict:
 
     torch.manual_seed(0)
     train, test = per_image_datasets(args)
-    model = lenet()
+    model = lenet().to(args.device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     loader = DataLoader(train, batch_size=4, shuffle=True, num_workers=2)
@@ -111,6 +111,7 @@ def run_tutorial(args) -> dict:
     for epoch in range(100):
         began = time.perf_counter()
         for x, y in loader:
+            x, y = x.to(args.device), y.to(args.device)
             optimizer.zero_grad()
             loss = criterion(model(x), y)
             loss.backward()
@@ -124,7 +125,7 @@ def run_tutorial(args) -> dict:
         result["images_per_s"] = seen / train_seconds
         if not args.data:
             break
-        accuracy = test_accuracy(model, test)
+        accuracy = test_accuracy(model, test, args.device)
         result.update(epochs=epoch + 1, test_accuracy=accuracy)
         if accuracy >= args.target:
             result["seconds_to_target"] = train_seconds
@@ -169,7 +170,8 @@ def run_lightning(args) -> dict:
     clock = Clock()
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=2,
                         persistent_workers=True)
-    trainer = pl.Trainer(max_epochs=100, accelerator="cpu", devices=1, logger=False,
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+    trainer = pl.Trainer(max_epochs=100, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[clock])
     trainer.fit(Module(), loader)
@@ -180,17 +182,19 @@ def run_compute_limit(args) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model = lenet()
+    model = lenet().to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     train, _ = per_image_datasets(args)  # one real batch of the same images, preprocessed
     pairs = [train[i] for i in range(args.batch_size)]
-    x = torch.stack([image for image, _ in pairs])
-    y = torch.tensor([label for _, label in pairs])
+    x = torch.stack([image for image, _ in pairs]).to(args.device)
+    y = torch.tensor([label for _, label in pairs]).to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for _ in range(20):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync()
     steps, began = 0, time.perf_counter()
     while time.perf_counter() - began < args.seconds:
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -198,25 +202,26 @@ def run_compute_limit(args) -> dict:
         loss.backward()
         optimizer.step()
         steps += 1
+    sync()
     return {"images_per_s": steps * args.batch_size / (time.perf_counter() - began)}
 
 
 def trainkit_command(args, out_dir: Path, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "trainkit", "train", str(ROOT / "configs" / "cifar10.yaml"),
                f"run.out_dir={out_dir}", "log.progress=plain", "log.tensorboard=false",
-               f"data.batch_size={args.batch_size}"]
+               f"data.batch_size={args.batch_size}", f"train.device={args.device}"]
     if args.data:
         command += ["data.name=imagefolder", f"data.root={args.data}"]
     else:
         command += ["data.name=synthetic", f"data.synthetic.train_size={args.synthetic_size}",
-                    "data.synthetic.test_size=2000", "train.epochs=2"]
-    return command + extra
+                    "data.synthetic.test_size=2000"]
+    return command + extra + args.trainkit_args.split()
 
 
 def run_trainkit(args) -> dict:
     """The real CLI (its own process) with configs/cifar10.yaml; figures from metrics.csv."""
     out = Path(tempfile.mkdtemp(prefix="bench-trainkit-"))
-    extra = [f"train.epochs={args.trainkit_epochs}"] if args.data else []
+    extra = [f"train.epochs={args.trainkit_epochs or (15 if args.data else 3)}"]
     done = subprocess.run(trainkit_command(args, out, extra), capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr.strip().splitlines()[-1])
@@ -302,7 +307,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="throughput window per contestant")
     parser.add_argument("--target", type=float, default=0.54, help="test accuracy for time-to-target")
     parser.add_argument("--max-seconds", type=float, default=400, help="cap for the tutorial's time to target")
-    parser.add_argument("--trainkit-epochs", type=int, default=15)
+    parser.add_argument("--trainkit-epochs", type=int, help="default: 15 with --data, else 3")
+    parser.add_argument("--trainkit-args", default="", help="extra overrides, e.g. 'train.compile=true'")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (every contestant)")
     parser.add_argument("--synthetic-size", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", nargs="*", choices=list(CONTESTANTS), default=list(CONTESTANTS))
@@ -315,8 +322,10 @@ def main() -> None:
     for name in args.only:
         command = [sys.executable, __file__, "--worker", name, "--batch-size", str(args.batch_size),
                    "--seconds", str(args.seconds), "--target", str(args.target),
-                   "--max-seconds", str(args.max_seconds), "--trainkit-epochs", str(args.trainkit_epochs),
-                   "--synthetic-size", str(args.synthetic_size), "--threads", str(args.threads)]
+                   "--max-seconds", str(args.max_seconds), "--synthetic-size", str(args.synthetic_size),
+                   "--threads", str(args.threads), "--device", args.device,
+                   f"--trainkit-args={args.trainkit_args}"]
+        command += ["--trainkit-epochs", str(args.trainkit_epochs)] if args.trainkit_epochs else []
         command += ["--data", args.data] if args.data else []
         print(f"running {name}…", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
@@ -327,7 +336,7 @@ def main() -> None:
             continue
         results[name] = json.loads(line[len("RESULT "):])
 
-    print(f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), {args.threads} threads, "
+    print(f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), device {args.device}, {args.threads} threads, "
           f"data: {args.data or f'synthetic {args.synthetic_size} images 3x32x32'}\n")
     print(f"{'contestant':<15}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
     for name, r in results.items():

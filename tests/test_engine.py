@@ -41,6 +41,21 @@ def test_resume_continues_exactly(cli, tmp_path):
     assert not (tmp_path / "runs" / "part-2").exists()
 
 
+def test_resume_with_more_epochs_rebuilds_the_schedule(cli, tmp_path):
+    # onecycle's saved state is tied to its total length: loading it and stepping past the old
+    # end once crashed with "Tried to step 17 times"
+    config = write_config(tmp_path, {"sched": {"name": "onecycle"}})
+    assert cli("train", config).exit_code == 0
+    finished = cli("train", config, "--resume")
+    assert finished.exit_code == 1 and "already finished 2 epochs" in finished.stderr
+    longer = cli("train", config, "train.epochs=3", "--resume")
+    assert longer.exit_code == 0, longer
+    assert "lr schedule is rebuilt for 3 epochs" in longer.stderr
+    state = load(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 3 and state["global_step"] == 24
+    assert state["scheduler"]["per_step"]["total_steps"] == 24
+
+
 def test_resume_without_checkpoint_fails_cleanly(cli, tmp_path):
     result = cli("train", write_config(tmp_path), "--resume")
     assert result.exit_code == 1 and "nothing to resume" in result.stderr

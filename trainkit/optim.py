@@ -174,6 +174,17 @@ class LRSchedule:
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
         }
 
+    def fast_forward(self, state: dict[str, Any]) -> None:
+        """Continue a saved run on this (differently long) schedule: replay its step count.
+
+        The saved per-step scheduler is tied to the old total length (onecycle refuses to step
+        past it), so this one is advanced to the same step instead; plateau state carries over.
+        """
+        for _ in range(int(state["steps"])):
+            self.step()
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         if self.per_step is not None and state.get("per_step") is not None:

@@ -96,6 +96,14 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         changed = [k for k in _differences(resumed["config"], config.to_dict()) if k != "train.epochs"]
         if changed:
             warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}")
+        done_epochs, saved_epochs = int(resumed["epoch"]), int(resumed["config"]["train"]["epochs"])
+        if config.train.epochs <= done_epochs and int(resumed["batch_in_epoch"]) == 0:
+            raise TrainkitError(f"{path}: the run already finished {done_epochs} epochs; "
+                                f"set train.epochs higher to train on")
+        rescheduled = saved_epochs != config.train.epochs
+        if rescheduled and placement.is_main:
+            warn(f"train.epochs {saved_epochs} -> {config.train.epochs}: the lr schedule is rebuilt "
+                 f"for {config.train.epochs} epochs and continues from step {resumed['global_step']}")
 
     seed_everything(config.run.seed)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
@@ -182,7 +190,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         checkpoint_extras=extras,
     )
     if resumed is not None:
-        trainer.load_state(resumed)
+        trainer.load_state(resumed, new_schedule_length=rescheduled)
         if placement.is_main:
             say(f"resumed at epoch {trainer.state.epoch + 1}, batch {trainer.state.batch_in_epoch}, "
                 f"step {trainer.state.global_step}")

@@ -305,10 +305,13 @@ class Trainer:
         if improved:
             link_or_copy(last, self.checkpoint_dir / "best.pt")
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], new_schedule_length: bool = False) -> None:
         unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
+        if new_schedule_length:  # train.epochs changed: the lr schedule was built for the new length
+            self.schedule.fast_forward(state["scheduler"])
+        else:
+            self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(
             epoch=int(state["epoch"]),
