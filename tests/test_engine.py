@@ -63,7 +63,9 @@ def test_resume_without_checkpoint_fails_cleanly(cli, tmp_path):
 
 def test_gradient_accumulation_matches_the_larger_batch(cli, tmp_path):
     # 250 images: the last window is short, and its weighting must still be exact
-    common = ["data.synthetic.train_size=250", "train.epochs=2", "model.dropout=0.0"]
+    # augmentation too: each sample's crop and flip follow its place in the epoch, not the batching
+    common = ["data.synthetic.train_size=250", "train.epochs=2", "model.dropout=0.0",
+              "data.augment.crop_padding=2", "data.augment.hflip=true"]
     big = cli("train", write_config(tmp_path), *common, "data.batch_size=64", "run.name=big")
     small = cli("train", write_config(tmp_path), *common, "data.batch_size=32",
                 "train.grad_accum_steps=2", "run.name=small")
@@ -152,19 +154,22 @@ def test_crop_and_flip_matches_a_reference():
         assert torch.equal(out[i], expected.flip(2) if flips[i] else expected)
 
 
-def test_batch_transform_is_seeded_and_per_sample():
+def test_batch_transform_is_seeded_per_epoch_and_per_position():
     preprocess = Preprocess(3, 8, (0.5,) * 3, (0.5,) * 3)
+    augment = AugmentConfig(crop_padding=2, hflip=True, brightness=0.2, contrast=0.2)
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    a = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
-    b = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
-    first = a(images)
-    assert torch.equal(first, b(images))
-    assert not torch.equal(first, preprocess.normalize(images))
-    # the two halves of a 2-process world together give the whole batch
-    c = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
-    d = BatchTransform(preprocess, AugmentConfig(crop_padding=2, hflip=True), seed=1)
-    even, odd = c(images[0::2], 64, 0, 2), d(images[1::2], 64, 1, 2)
-    assert torch.equal(even, first[0::2]) and torch.equal(odd, first[1::2])
+    positions = torch.arange(64)
+    a, b = BatchTransform(preprocess, augment, seed=1), BatchTransform(preprocess, augment, seed=1)
+    a.start_epoch(3, 64, torch.device("cpu"))
+    b.start_epoch(3, 64, torch.device("cpu"))
+    whole = a(images, positions)
+    assert torch.equal(whole, b(images, positions))
+    assert not torch.equal(whole, preprocess.normalize(images))
+    # any split of the epoch (2 ranks, micro-batches, a resume point) gives each sample the same
+    parts = [b(images[i::2][j : j + 8], positions[i::2][j : j + 8]) for i in (0, 1) for j in range(0, 32, 8)]
+    assert torch.equal(torch.cat(parts[:4]), whole[0::2]) and torch.equal(torch.cat(parts[4:]), whole[1::2])
+    b.start_epoch(4, 64, torch.device("cpu"))  # a new epoch draws anew
+    assert not torch.equal(whole, b(images, positions))
 
 
 def test_checkpoint_save_is_atomic_on_failure(tmp_path, monkeypatch):

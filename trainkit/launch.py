@@ -24,6 +24,13 @@ def launch_local(nproc: int, trainkit_args: list[str]) -> int:
     except Exception as error:  # ChildFailedError: a rank failed; its own error line is above
         from trainkit.errors import TrainkitError
 
-        lines = str(error).strip().splitlines()
-        raise TrainkitError(f"a DDP process failed: {lines[0] if lines else type(error).__name__}") from None
+        codes = sorted({f.exitcode for f in getattr(error, "failures", {}).values()})
+        stopped = [code for code in codes if code in (130, 143)]
+        if stopped:  # stopped by SIGINT/SIGTERM after saving: exit as a single process would
+            return stopped[0]
+        if hasattr(error, "get_first_failure"):
+            rank, failure = error.get_first_failure()
+            raise TrainkitError(f"DDP rank {rank} failed first (exit {failure.exitcode}); "
+                                "its error is above") from None
+        raise TrainkitError(f"a DDP process failed: {error}") from None
     return 0

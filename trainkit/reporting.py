@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,18 @@ METRIC_COLUMNS = [
 ]
 
 
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by torchrun; errors print on every rank
+
+
 def say(message: str) -> None:
-    print(message, flush=True)
+    if _main_process():
+        print(message, flush=True)
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    if _main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Reporter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -97,11 +98,31 @@ def _ddp_placement(device: Any, world: int) -> Placement:
     if use_cuda:
         torch.cuda.set_device(target)
     if not torch.distributed.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("TRAINKIT_DIST_TIMEOUT", "300")))
+        # Collectives that wait longer than this fail, so a rank lost on another node ends the
+        # run instead of hanging it (on one node torchrun already stops the others at once).
+        timeout = timedelta(seconds=float(os.environ.get("TRAINKIT_DIST_TIMEOUT", "60")))
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo", timeout=timeout
         )
     return Placement(target, "ddp", None, rank, world, local_rank)
+
+
+@contextmanager
+def local_main_first(placement: Placement):
+    """Local rank 0 of each node runs the block first (downloads, decoding into the tensor
+    cache); the node's other ranks wait, then find the files ready instead of racing for them.
+    The wait is a gloo barrier with a long timeout of its own: decoding may take many minutes."""
+    if placement.parallel != "ddp":
+        yield
+        return
+    seconds = float(os.environ.get("TRAINKIT_PREPARE_TIMEOUT", "7200"))
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    if placement.local_rank != 0:
+        torch.distributed.barrier(group=group)
+    yield
+    if placement.local_rank == 0:
+        torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)
 
 
 def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:

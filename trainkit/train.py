@@ -84,7 +84,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     from trainkit.data.pipeline import BatchTransform, build_data, make_source
     from trainkit.models import build_model
     from trainkit.optim import build_loss, build_optimizer, build_scheduler
-    from trainkit.runtime import resolve_placement, seed_everything, wrap_model
+    from trainkit.runtime import local_main_first, resolve_placement, seed_everything, wrap_model
     from trainkit.trainer import Trainer
 
     check_config(config)
@@ -113,7 +113,8 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             "channels": config.data.channels or config.model.in_channels,
         }
     )
-    bundle = build_data(data_cfg, config.run.seed)
+    with local_main_first(placement):
+        bundle = build_data(data_cfg, config.run.seed)
     splits = bundle.splits
     spec = {
         "name": config.model.name,

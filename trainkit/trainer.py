@@ -138,10 +138,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, images, labels, global_size: int, window_total: int, should_step: bool):
+    def train_step(self, images, labels, positions, window_total: int, should_step: bool):
         """One micro-batch: forward, loss / accumulation weight, backward, then maybe step."""
         p = self.placement
-        x = self.train_transform(images, global_size, p.rank, p.world)  # (b, C, H, W) float
+        x = self.train_transform(images, positions)  # (b, C, H, W) float
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         no_sync = p.parallel == "ddp" and not should_step
@@ -179,13 +179,16 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
+        self.train_transform.start_epoch(epoch, self.train_source.size, self.device)
         self.reporter.start_epoch(epoch, total, start)
         began = time.perf_counter()
         for index, (images, labels, global_size) in enumerate(self.train_source.epoch(epoch, start), start):
             window = index - index % k  # first batch of this accumulation window
             window_sizes = self.sizes[window : min(window + k, total)]
             should_step = index == window + len(window_sizes) - 1
-            loss, logits = self.train_step(images, labels, global_size, sum(window_sizes), should_step)
+            first = index * self.train_source.batch_size  # this global batch's place in the epoch
+            positions = torch.arange(first + self.placement.rank, first + global_size, self.placement.world)
+            loss, logits = self.train_step(images, labels, positions, sum(window_sizes), should_step)
 
             loss_sum += loss.double() * labels.shape[0]
             correct += (logits.argmax(1) == labels).sum()
@@ -209,9 +212,8 @@ class Trainer:
                     self.schedule.lr(),
                     seen * self.placement.world / max(elapsed, 1e-9),
                 )
-                if self.stop_signal is not None:  # marked point: save and leave on a signal
-                    self.save_checkpoints(improved=False)
-                    raise Interrupted(self.stop_signal)
+                if self._stop_agreed():  # marked point: save and leave on a signal
+                    self._save_and_leave()
         seconds = time.perf_counter() - began
         stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=self.device)])
         if self.placement.parallel == "ddp":
@@ -243,8 +245,8 @@ class Trainer:
                 self.state.last_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
                 self.save_checkpoints(improved)  # marked point: checkpoint writes
                 self.reporter.end_epoch(row)  # marked point: metrics.csv, TensorBoard, progress
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal)
+                if self._stop_agreed(force=True):
+                    self._leave()
                 if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
                     say(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.patience} evaluations")
                     break
@@ -289,7 +291,6 @@ class Trainer:
             "monitor": self.cfg.monitor,
             "metrics": dict(s.last_metrics),
             "rng": rng_state(),
-            "augment_rng": self.train_transform.generator.get_state(),
         }
 
     def save_checkpoints(self, improved: bool) -> None:
@@ -323,9 +324,31 @@ class Trainer:
             last_metrics=dict(state.get("metrics") or {}),
         )
         set_rng_state(state["rng"])
-        self.train_transform.generator.set_state(state["augment_rng"])
 
     # ------------------------------------------------------------------ signals
+
+    def _stop_agreed(self, force: bool = False) -> bool:
+        """Has any rank been asked to stop? Under DDP every rank must leave at the same step,
+        so the flag is all-reduced: each step on CPU, every 25 steps on GPUs (it syncs the host)."""
+        if self.placement.parallel != "ddp":
+            return self.stop_signal is not None
+        if not force and self.device.type != "cpu" and self.state.global_step % 25:
+            return False
+        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum and self.stop_signal is None:
+            self.stop_signal = signum  # another rank's signal: leave with its exit code too
+        return bool(signum)
+
+    def _save_and_leave(self) -> None:
+        self.save_checkpoints(improved=False)
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.placement.parallel == "ddp":
+            torch.distributed.barrier()  # no rank exits (and gets the others killed) mid-save
+        raise Interrupted(self.stop_signal)
 
     def _install_signal_handlers(self):
         import threading

@@ -109,47 +109,59 @@ class LoaderSource(_Batching):
 class BatchTransform:
     """uint8 batch → normalized float batch, with batched random augmentation when training.
 
-    Random parameters are drawn for the whole global batch from one seeded CPU generator (saved
-    in checkpoints), then this process takes its `rank::world` rows, so augmentation is the
-    same at any world size and after a resume.
+    `start_epoch` draws every sample's random parameters for the epoch at once, from a CPU
+    generator seeded by (seed, epoch), indexed by the sample's position in the epoch order. So a
+    sample is augmented the same whatever the batch size, accumulation, world size or resume
+    point, and there is no augmentation RNG state to save.
     """
 
     def __init__(self, preprocess: Preprocess, augment: AugmentConfig | None, seed: int = 0):
         self.preprocess = preprocess
         self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed + 7)
+        self.seed = seed
+        self.params: dict[str, torch.Tensor] = {}  # per epoch position, on the training device
 
     @property
     def active(self) -> bool:
         a = self.augment
         return bool(a and (a.crop_padding or a.hflip or a.brightness or a.contrast))
 
-    def __call__(self, images: torch.Tensor, global_size: int | None = None, rank: int = 0,
-                 world: int = 1) -> torch.Tensor:
+    def start_epoch(self, epoch: int, size: int, device: torch.device) -> None:
         if not self.active:
-            return self.preprocess.normalize(images)
-        a, g = self.augment, self.generator
-        n = global_size or images.shape[0]
-        share = slice(rank, None, world)
-        device = images.device
+            return
+        a = self.augment
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 7_919 + 17) % (2**63))
+        params = {}
         if a.crop_padding or a.hflip:
             p = a.crop_padding
-            offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=g) if p else torch.zeros(n, 2, dtype=torch.int64)
-            flips = torch.rand(n, generator=g) < 0.5 if a.hflip else torch.zeros(n, dtype=torch.bool)
-            images = crop_and_flip(images, offsets[share].to(device), flips[share].to(device), p)
+            params["offsets"] = torch.randint(0, 2 * p + 1, (size, 2), generator=g, dtype=torch.int16)
+            params["flips"] = torch.rand(size, generator=g) < 0.5 if a.hflip else torch.zeros(size, dtype=torch.bool)
+        if a.brightness:
+            params["brightness"] = 1 + (torch.rand(size, generator=g) * 2 - 1) * a.brightness
+        if a.contrast:
+            params["contrast"] = 1 + (torch.rand(size, generator=g) * 2 - 1) * a.contrast
+        self.params = {name: value.to(device) for name, value in params.items()}
+
+    def __call__(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """images (b, C, H, W) uint8; positions (b,) of the rows in this epoch's order."""
+        if not self.active or positions is None:
+            return self.preprocess.normalize(images)
+        a, params = self.augment, self.params
+        positions = positions.to(images.device)
+        if "offsets" in params:
+            offsets = params["offsets"].index_select(0, positions).long()
+            images = crop_and_flip(images, offsets, params["flips"].index_select(0, positions), a.crop_padding)
         if not (a.brightness or a.contrast):
             return self.preprocess.normalize(images)
         x = images.float().div_(255.0)  # (b, C, H, W) in [0, 1]
         if a.brightness:
-            factor = 1 + (torch.rand(n, generator=g)[share] * 2 - 1) * a.brightness
-            x = x * factor.to(device).view(-1, 1, 1, 1)
+            x = x * params["brightness"].index_select(0, positions).view(-1, 1, 1, 1)
         if a.contrast:
-            factor = 1 + (torch.rand(n, generator=g)[share] * 2 - 1) * a.contrast
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * factor.to(device).view(-1, 1, 1, 1) + mean
+            x = (x - mean) * params["contrast"].index_select(0, positions).view(-1, 1, 1, 1) + mean
         x = x.clamp_(0, 1)
-        mean = torch.tensor(self.preprocess.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.preprocess.std, device=device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.preprocess.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 

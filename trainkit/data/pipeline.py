@@ -10,6 +10,7 @@ from trainkit.config import DataConfig
 from trainkit.data.datasets import Split, Splits, build_splits, check_dataset_name
 from trainkit.data.loader import BatchTransform, LoaderSource, TensorSource
 from trainkit.data.preprocess import Preprocess, compute_stats, stats_for
+from trainkit.reporting import say
 
 
 @dataclass
@@ -43,7 +44,7 @@ def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> D
             stats = splits.train.pixel_stats()
         else:
             stats = _sample_stats(splits.train)
-        print(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)", flush=True)
+        say(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)")
     preprocess = Preprocess(splits.channels, splits.image_size, stats[0], stats[1])
     return DataBundle(splits, preprocess, in_memory)
 

@@ -1,0 +1,228 @@
+"""DDP on CPU (gloo, 2 processes): torchrun, --nproc, two nodes, accumulation, failures, signals.
+
+Every run here is a real multi-process run through the CLI. The reference is one process with
+the same global batch: DDP must reproduce its weights (the data order and the augmentation draw
+are global; each rank takes its slice of every global batch).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import load, max_weight_difference, write_config
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process tests are POSIX-only")
+
+# 8 global batches of 32 per epoch, crop + flip augmentation (drawn globally, sliced per rank)
+DDP = {"data": {"synthetic": {"train_size": 256}, "augment": {"crop_padding": 2, "hflip": True}},
+       "train": {"epochs": 2}, "log": {"tensorboard": True}}
+TRAINKIT = [sys.executable, "-m", "trainkit"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DEADLINE = 120  # seconds for any one multi-process command (they take ~10 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    environment.pop("TRAINKIT_DEBUG", None)
+    return environment
+
+
+def run(command: list, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], cwd=cwd, env=env(**extra), capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def weights(root: Path, name: str) -> dict:
+    return load(root / "runs" / name / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 32: the weights every DDP variant must reproduce."""
+    root = tmp_path_factory.mktemp("ddp")
+    config = write_config(root, DDP)
+    done = run([*TRAINKIT, "train", config, "run.name=single"], root)
+    assert done.returncode == 0, done.stderr
+    return root, config, weights(root, "single")
+
+
+def assert_one_complete_run(root: Path, name: str, epochs: int = 2) -> None:
+    runs = sorted(p.name for p in (root / "runs").iterdir() if p.name.startswith(name))
+    assert runs == [name], runs  # one set of files, not one per rank
+    run_dir = root / "runs" / name
+    assert (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == epochs + 1
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    state = load(run_dir / "checkpoints" / "last.pt")
+    assert not any(key.startswith("module.") for key in state["model"])
+
+
+def test_nproc_matches_one_process(reference):
+    root, config, single = reference
+    done = run([*TRAINKIT, "train", config, "--nproc", "2", "run.name=nproc"], root)
+    assert done.returncode == 0, done.stderr
+    assert "x2 (ddp)" in done.stdout and done.stdout.count("run directory:") == 1
+    assert_one_complete_run(root, "nproc")
+    assert max_weight_difference(single, weights(root, "nproc")) < 1e-5
+
+
+def test_torchrun_matches_one_process(reference):
+    root, config, single = reference
+    done = run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", free_port(), "-m", "trainkit", "train", config, "run.name=torchrun"], root)
+    assert done.returncode == 0, done.stderr  # train.parallel auto → ddp at world size 2
+    assert_one_complete_run(root, "torchrun")
+    assert max_weight_difference(single, weights(root, "torchrun")) < 1e-5
+
+
+def test_accumulation_under_ddp_matches_the_larger_batch(reference):
+    # 2 ranks × micro-batches of 16 (global 16) × 2 accumulation steps = global batch 32;
+    # no_sync() skips the all-reduce of the first micro-batch of each window
+    root, config, single = reference
+    done = run([*TRAINKIT, "train", config, "--nproc", "2", "data.batch_size=16",
+                "train.grad_accum_steps=2", "run.name=accum"], root)
+    assert done.returncode == 0, done.stderr
+    assert max_weight_difference(single, weights(root, "accum")) < 1e-5
+
+
+def test_two_nodes_on_localhost_train_together(reference):
+    root, config, single = reference
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [str(c) for c in [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                              "--rdzv_endpoint", endpoint, "--rdzv_id", "trainkit-test", "--max_restarts", "0",
+                              "-m", "trainkit", "train", config, "train.parallel=ddp", "run.name=nodes"]],
+            cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [agent.communicate(timeout=DEADLINE) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    assert_one_complete_run(root, "nodes")
+    assert max_weight_difference(single, weights(root, "nodes")) < 1e-5
+
+
+# A rank that fails: sitecustomize (imported by every Python process on PYTHONPATH) makes
+# rank 1 raise at its third step. Nothing in trainkit knows about it.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import trainkit.trainer as trainer
+
+    original = trainer.Trainer.train_step
+
+    def failing(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise RuntimeError("injected failure on rank 1")
+        return original(self, *args, **kwargs)
+
+    trainer.Trainer.train_step = failing
+"""
+
+
+@pytest.mark.parametrize("launcher", ["nproc", "two_nodes"])
+def test_a_failing_rank_ends_every_process(reference, tmp_path, launcher):
+    root, config, _ = reference
+    (tmp_path / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    began = time.perf_counter()
+    if launcher == "nproc":
+        done = run([*TRAINKIT, "train", config, "--nproc", "2", "train.epochs=50", "run.name=fail"],
+                   root, PYTHONPATH=path)
+        codes, stderr = [done.returncode], done.stderr
+        assert "DDP rank 1 failed first" in stderr
+    else:  # the other node only learns through the process group: the harder case
+        endpoint = f"127.0.0.1:{free_port()}"
+        agents = [
+            subprocess.Popen(
+                [str(c) for c in [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", rank,
+                                  "--master_addr", "127.0.0.1", "--master_port", endpoint.split(":")[1],
+                                  "-m", "trainkit", "train", config, "train.parallel=ddp",
+                                  "train.epochs=50", "run.name=fail2"]],
+                cwd=root, env=env(PYTHONPATH=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in ("0", "1")
+        ]
+        outputs = [agent.communicate(timeout=DEADLINE) for agent in agents]
+        codes, stderr = [agent.returncode for agent in agents], outputs[1][1]
+    elapsed = time.perf_counter() - began
+    assert all(code != 0 for code in codes), codes
+    assert "injected failure on rank 1" in stderr
+    assert elapsed < 60, elapsed
+
+
+SLOW_STEPS = """
+import os, time
+if "RANK" in os.environ:
+    import trainkit.trainer as trainer
+
+    original = trainer.Trainer.train_step
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    trainer.Trainer.train_step = slow
+"""
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank → pid of the launcher's worker processes (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            parent = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration, ValueError):
+            continue
+        rank = next((item[5:] for item in environ if item.startswith(b"RANK=")), None)
+        if parent == launcher_pid and rank is not None:
+            found[int(rank)] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_sigterm_to_one_rank_stops_all_and_resumes_at_another_world_size(reference, tmp_path):
+    root, config, single = reference
+    # global micro-batches of 8 × 4 accumulation steps = the reference's global batch of 32;
+    # each step slowed to 50 ms so the signal lands mid-run
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    common = ["data.batch_size=8", "train.grad_accum_steps=4"]
+    launcher = subprocess.Popen(
+        [str(c) for c in [*TRAINKIT, "train", config, "--nproc", "2", *common, "run.name=term"]],
+        cwd=root, env=env(PYTHONPATH=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in launcher.stdout:
+        if line.startswith("first training step"):
+            break
+    pids = _worker_pids(launcher.pid)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGTERM)
+    began = time.perf_counter()
+    launcher.communicate(timeout=DEADLINE)
+    assert time.perf_counter() - began < 60
+    assert launcher.returncode == 143, launcher.returncode
+    state = load(root / "runs" / "term" / "checkpoints" / "last.pt")
+    assert 0 < state["global_step"] < 16  # stopped partway, saved at a step boundary
+
+    # resume in ONE process: same global batch and order, so it ends where the others do
+    done = run([*TRAINKIT, "train", config, *common, "run.name=term", "--resume"], root)
+    assert done.returncode == 0, done.stderr
+    assert max_weight_difference(single, weights(root, "term")) < 1e-5
