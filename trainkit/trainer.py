@@ -76,6 +76,8 @@ def evaluate(
     class_correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
     k = min(5, num_classes)
     for images, labels, _ in source.epoch(0):
+        if labels.shape[0] == 0:  # an empty share of a short last batch (DDP)
+            continue
         with autocast_for(device, precision):
             logits = model(transform(images))  # (b, K)
         logits = logits.float()
@@ -148,7 +150,10 @@ class Trainer:
         with self.model.no_sync() if no_sync else nullcontext():
             with autocast_for(self.device, self.cfg.precision):
                 logits = self.model(x)  # (b, K)
-            loss = self.loss_fn(logits.float(), labels)  # mean over this process's b samples
+            if labels.shape[0]:
+                loss = self.loss_fn(logits.float(), labels)  # mean over this process's b samples
+            else:  # an empty share of a short last batch: no loss, but still in DDP's all-reduce
+                loss = logits.float().sum() * 0.0
             # Weighted so the window's gradient is the mean over all of its samples on all
             # ranks (DDP averages over ranks, hence × world), whatever the batch sizes.
             weight = labels.shape[0] * p.world / window_total
@@ -256,7 +261,10 @@ class Trainer:
         return self.state
 
     def run_evaluation(self) -> dict[str, Any]:
-        metrics = evaluate(self.model, self.val_source, self.eval_transform, self.loss_fn,
+        # Under DDP the plain module evaluates: each rank its own shard, no collective in the
+        # forward (buffer broadcasts would hang when ranks have unequal numbers of batches).
+        model = unwrap_model(self.model) if self.placement.parallel == "ddp" else self.model
+        metrics = evaluate(model, self.val_source, self.eval_transform, self.loss_fn,
                            self.num_classes, self.cfg.precision)
         metric = {"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_top5": metrics["top5"]}[self.cfg.monitor]
         self.schedule.step_eval(metric)

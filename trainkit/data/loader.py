@@ -178,4 +178,4 @@ def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     columns = torch.where(flips.view(b, 1), w - 1 - columns, columns) + offsets[:, 1:2]  # (b, W)
     rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (b, H)
     index = (rows[:, :, None] * width + columns[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
+    return padded.reshape(b, c, padded.shape[2] * width).gather(2, index).view(b, c, h, w)
