@@ -74,15 +74,18 @@ def assert_one_complete_run(root: Path, name: str, epochs: int = 2) -> None:
     assert not any(key.startswith("module.") for key in state["model"])
 
 
-def test_nproc_matches_one_process(reference):
+@pytest.mark.parametrize("cache", ["memory", "none"])  # the tensor path and the DataLoader path
+def test_nproc_matches_one_process(reference, cache):
     root, config, single = reference
-    done = run([*TRAINKIT, "train", config, "--nproc", "2", "run.name=nproc"], root)
+    name = f"nproc_{cache}"
+    done = run([*TRAINKIT, "train", config, "--nproc", "2", f"data.cache={cache}", f"run.name={name}"], root)
     assert done.returncode == 0, done.stderr
     assert "x2 (ddp)" in done.stdout and done.stdout.count("run directory:") == 1
-    assert_one_complete_run(root, "nproc")
-    assert max_weight_difference(single, weights(root, "nproc")) < 1e-5
+    assert ("in-memory tensors" if cache == "memory" else "DataLoader") in done.stdout
+    assert_one_complete_run(root, name)
+    assert max_weight_difference(single, weights(root, name)) < 1e-5
     # metrics are all-reduced over the ranks' shards: the same as one process's
-    ours = load(root / "runs" / "nproc" / "checkpoints" / "last.pt")["metrics"]
+    ours = load(root / "runs" / name / "checkpoints" / "last.pt")["metrics"]
     theirs = load(root / "runs" / "single" / "checkpoints" / "last.pt")["metrics"]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5"):
         assert abs(ours[key] - theirs[key]) < 1e-5, key
@@ -122,6 +125,38 @@ def test_two_nodes_on_localhost_train_together(reference):
     assert [agent.returncode for agent in agents] == [0, 0], outputs
     assert_one_complete_run(root, "nodes")
     assert max_weight_difference(single, weights(root, "nodes")) < 1e-5
+
+
+def test_srun_tasks_become_ranks(reference):
+    """Two processes with the environment `srun --ntasks 2` gives its tasks, and no torchrun."""
+    root, config, single = reference
+    port = str(free_port())
+    tasks = [
+        subprocess.Popen([str(c) for c in [*TRAINKIT, "train", config, "run.name=slurm"]], cwd=root,
+                         env=env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+                                 SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [task.communicate(timeout=DEADLINE) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "x2 (ddp)" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 reports
+    assert_one_complete_run(root, "slurm")
+    assert max_weight_difference(single, weights(root, "slurm")) < 1e-5
+
+
+@pytest.mark.parametrize("nodelist, host", [("node7", "node7"), ("gpu[07-09,12],cpu1", "gpu07"),
+                                            ("a[3,5]-ib", "a3-ib"), ("x1,y[1-2]", "x1")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    from trainkit.runtime import adopt_slurm_environment, first_host
+
+    assert first_host(nodelist) == host
+    environ = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4",
+               "SLURM_STEP_NODELIST": nodelist, "SLURM_JOB_ID": "123"}
+    assert adopt_slurm_environment(environ)
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert environ["MASTER_ADDR"] == host and environ["MASTER_PORT"] == "20123"
+    assert not adopt_slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"})  # sbatch, no srun
 
 
 # A rank that fails: sitecustomize (imported by every Python process on PYTHONPATH) makes

@@ -65,8 +65,42 @@ def _check_cuda(index: int | None) -> None:
         )
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: 'gpu[07-09,12],cpu1' → 'gpu07'."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+    if "[" not in first:
+        return first
+    prefix, rest = first.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def adopt_slurm_environment(environ=os.environ) -> bool:
+    """Tasks started by `srun` (one per GPU) become DDP ranks: SLURM's task ids are mapped to
+    the variables torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    Only under srun (SLURM_STEP_NUM_TASKS is set for job steps), and never over torchrun's."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in environ or tasks <= 1 or "SLURM_PROCID" not in environ:
+        return False
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = str(tasks)
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    environ.setdefault("MASTER_ADDR", first_host(nodelist))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 20000))
+    return True
+
+
 def resolve_placement(device: Any, parallel: str) -> Placement:
-    """Map train.device / train.parallel (and torchrun's environment) to a Placement."""
+    """Map train.device / train.parallel (and torchrun's or srun's environment) to a Placement."""
+    if parallel in ("auto", "ddp"):
+        adopt_slurm_environment()
     world = launched_world_size()
     if parallel == "ddp" or (parallel == "auto" and world > 1):
         return _ddp_placement(device, world)

@@ -41,6 +41,10 @@ class _Batching:
         full, rest = divmod(self.size, self.batch_size)
         return [self.batch_size] * full + ([rest] if rest else [])
 
+    def share_size(self, batch: int) -> int:
+        """This rank's number of samples in global batch `batch` (0 in a short last batch)."""
+        return len(range(self.rank, min(self.batch_size, self.size - batch * self.batch_size), self.world))
+
     def index_batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         order = epoch_order(self.size, self.seed, epoch, self.shuffle)
         for i in range(start, len(self)):
@@ -71,11 +75,12 @@ class _EpochBatchSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return len(self.batching) - self.start
+        return sum(1 for i in range(self.start, len(self.batching)) if self.batching.share_size(i))
 
     def __iter__(self):
         for index in self.batching.index_batches(self.epoch, self.start):
-            yield index.tolist()
+            if len(index):  # an empty share is made up by LoaderSource.epoch, not loaded
+                yield index.tolist()
 
 
 class LoaderSource(_Batching):
@@ -98,7 +103,14 @@ class LoaderSource(_Batching):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start)
         sizes = self.global_sizes()
-        for i, (images, labels) in enumerate(self.loader, start):
+        loaded = iter(self.loader)
+        for i in range(start, len(sizes)):
+            if self.share_size(i) == 0:  # this rank's share of a short last batch (DDP)
+                shape = self.loader.dataset[0][0].shape  # (C, H, W)
+                yield (torch.empty(0, *shape, dtype=torch.uint8, device=self.device),
+                       torch.empty(0, dtype=torch.int64, device=self.device), sizes[i])
+                continue
+            images, labels = next(loaded)
             yield (
                 images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True),
