@@ -241,7 +241,8 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-def test_sigterm_to_one_rank_stops_all_and_resumes_at_another_world_size(reference, tmp_path):
+@pytest.mark.parametrize("target", ["rank_1", "launcher"])
+def test_sigterm_stops_all_ranks_and_resumes_at_another_world_size(reference, tmp_path, target):
     root, config, single = reference
     # global micro-batches of 8 × 4 accumulation steps = the reference's global batch of 32;
     # each step slowed to 50 ms so the signal lands mid-run
@@ -249,22 +250,22 @@ def test_sigterm_to_one_rank_stops_all_and_resumes_at_another_world_size(referen
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     common = ["data.batch_size=8", "train.grad_accum_steps=4"]
     launcher = subprocess.Popen(
-        [str(c) for c in [*TRAINKIT, "train", config, "--nproc", "2", *common, "run.name=term"]],
+        [str(c) for c in [*TRAINKIT, "train", config, "--nproc", "2", *common, f"run.name={target}"]],
         cwd=root, env=env(PYTHONPATH=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in launcher.stdout:
         if line.startswith("first training step"):
             break
     pids = _worker_pids(launcher.pid)
     assert sorted(pids) == [0, 1], pids
-    os.kill(pids[1], signal.SIGTERM)
+    os.kill(pids[1] if target == "rank_1" else launcher.pid, signal.SIGTERM)
     began = time.perf_counter()
     launcher.communicate(timeout=DEADLINE)
     assert time.perf_counter() - began < 60
     assert launcher.returncode == 143, launcher.returncode
-    state = load(root / "runs" / "term" / "checkpoints" / "last.pt")
+    state = load(root / "runs" / target / "checkpoints" / "last.pt")
     assert 0 < state["global_step"] < 18  # stopped partway, saved at a step boundary
 
     # resume in ONE process: same global batch and order, so it ends where the others do
-    done = run([*TRAINKIT, "train", config, *common, "run.name=term", "--resume"], root)
+    done = run([*TRAINKIT, "train", config, *common, f"run.name={target}", "--resume"], root)
     assert done.returncode == 0, done.stderr
-    assert max_weight_difference(single, weights(root, "term")) < 1e-5
+    assert max_weight_difference(single, weights(root, target)) < 1e-5

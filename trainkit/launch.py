@@ -19,8 +19,12 @@ def launch_local(nproc: int, trainkit_args: list[str]) -> int:
         ["--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), "--max_restarts", "0", "-m", "trainkit", *trainkit_args]
     )
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         run(args)
+    except SignalException as error:  # SIGTERM/SIGINT to this launcher: forwarded to the ranks,
+        return 128 + int(error.sigval)  # which agreed on a step, saved and exited
     except Exception as error:  # ChildFailedError: a rank failed; its own error line is above
         from trainkit.errors import TrainkitError
 
