@@ -47,7 +47,8 @@ def _run(verb, *args, **kwargs):
         else:
             message = f"{type(error).__name__}: {error}"
         first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
-        print(f"error: {first}", file=sys.stderr)
+        # a stop on request (checkpoint saved) is not an error
+        print(first if hasattr(error, "signum") else f"error: {first}", file=sys.stderr)
         raise typer.Exit(code)
 
 

@@ -160,8 +160,8 @@ class Trainer:
             self.scaler.scale(loss * weight).backward()
 
         if should_step:
-            if self.cfg.on_nonfinite == "skip" and not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.on_nonfinite == "skip" and not self._gradients_finite():
+                self.optimizer.zero_grad(set_to_none=True)  # the whole window's gradients
                 warn(f"non-finite loss at epoch {self.state.epoch + 1} step {self.state.global_step + 1}; step skipped")
                 return loss.detach(), logits.detach()
             if self.cfg.clip_grad_norm is not None:
@@ -173,6 +173,15 @@ class Trainer:
             self.schedule.step()
             self.state.global_step += 1
         return loss.detach(), logits.detach()
+
+    def _gradients_finite(self) -> bool:
+        """After the backward of a window: are all gradients finite? The gradients (unlike each
+        micro-batch's loss) cover the whole window and, under DDP, are the same on every rank, so
+        all ranks skip together. fp16's GradScaler skips inf steps by itself."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.scaler.is_enabled() or not grads:
+            return True
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     # ------------------------------------------------------------------ the epoch
 
@@ -351,6 +360,9 @@ class Trainer:
 
     def _save_and_leave(self) -> None:
         self.save_checkpoints(improved=False)
+        if self.placement.is_main and self.checkpoint_dir is not None:
+            say(f"saved {self.checkpoint_dir / 'last.pt'} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.global_step}; continue with --resume")
         self._leave()
 
     def _leave(self) -> None:
@@ -382,11 +394,15 @@ def link_or_copy(source: Path, target: Path) -> None:
     """Point `target` at `source`'s current bytes atomically. A hard link shares the inode, and
     the next save of `source` replaces its inode, so `target` keeps this version."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        import shutil
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network filesystems): a full copy
+            import shutil
 
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise TrainkitError(f"could not save checkpoint {target}: {error.strerror or error}") from None

@@ -98,6 +98,9 @@ class LoaderSource(_Batching):
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
+            # its own generator: each iter() draws a worker base seed, which from the global
+            # RNG would shift dropout after a resume (decoding itself uses no randomness)
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
