@@ -45,6 +45,9 @@ def test_override_leaves_the_original_untouched():
         ("data:\n  cache: disk\n", "data.cache", ["'auto', 'memory' or 'none'"]),
         ("a: 1\na: 2\n", "", ["duplicate key 'a'"]),
         ("run: !!python/object/apply:os.system ['echo hacked']\n", "", ["python/object/apply"]),
+        ("run: !!python/name:os.system\n", "", ["python/name"]),
+        ("run: !!python/module:os\n", "", ["python/module"]),
+        ("run: !!python/object/new:subprocess.Popen [['true']]\n", "", ["python/object/new"]),
         ("- just\n- a list\n", "", ["mapping"]),
     ],
 )

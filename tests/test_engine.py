@@ -114,17 +114,37 @@ def test_imagefolder_decoded_cache(cli, tmp_path, capfd):
     assert evaluated.exit_code == 0 and '"num_samples": 40' in evaluated.stdout
 
 
-def test_imagefolder_bad_image_is_named(cli, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "none"])  # decoded up front / checked before a DataLoader run
+@pytest.mark.parametrize("val_fraction", [None, 0.25])  # test/ folder, or a split of train/
+def test_imagefolder_bad_image_is_named_before_training(cli, tmp_path, cache, val_fraction):
     root = tmp_path / "folder"
     _write_imagefolder(root, per_class=3)
+    if val_fraction:
+        for image in (root / "test").rglob("*.png"):
+            image.unlink()
+        for folder in sorted((root / "test").iterdir()):
+            folder.rmdir()
+        (root / "test").rmdir()
     bad = root / "train" / "circle" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16}})
+    truncated = root / "train" / "square" / "truncated.jpg"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16,
+                                              "cache": cache, "val_fraction": val_fraction}})
     result = cli("train", config, "train.epochs=1")
-    assert result.exit_code == 1 and "broken.png" in result.stderr and "skip_bad_images" in result.stderr
-    skipped = cli("train", config, "train.epochs=1", "data.skip_bad_images=true")
+    assert result.exit_code == 1, result
+    assert "broken.png" in result.stderr and "(and 1 more)" in result.stderr
+    assert "skip_bad_images" in result.stderr and result.stderr.count("error:") == 1
+    assert "first training step" not in result.stdout  # before any training
+    skipped = cli("train", config, "train.epochs=2", "data.skip_bad_images=true")
     assert skipped.exit_code == 0, skipped
-    assert "skipped" in skipped.stderr and "broken.png" in skipped.stderr
+    assert "skipped" in skipped.stderr and "broken.png" in skipped.stderr and "truncated.jpg" in skipped.stderr
+    readable = len(list((root / "train").rglob("*.*"))) - 2
+    train, val = (int(n) for n in skipped.stdout.split("data: imagefolder train ")[1].split(" images")[0].split(" / val "))
+    assert (train + val if val_fraction else train) == readable
+    again = cli("train", config, "train.epochs=1", "data.skip_bad_images=true")
+    assert again.exit_code == 0 and "checking" not in again.stderr and "decoding" not in again.stderr
 
 
 def test_dataparallel_checkpoint_has_no_module_prefix(tmp_path):

@@ -104,9 +104,23 @@ def test_image_modes_give_the_right_tensors(tmp_path):
     red = decode_image(tmp_path / "cmyk.jpg", 3, None)
     assert red[0].float().mean() > 200 and red[1].float().mean() < 60
 
-    frames = [Image.new("P", (4, 4), i) for i in (1, 2)]
+    frames = [Image.new("RGB", (4, 4), color) for color in ((250, 0, 0), (0, 0, 250))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert decode_image(tmp_path / "anim.gif", 3, 8).shape == (3, 8, 8)
+    first = decode_image(tmp_path / "anim.gif", 3, 8)
+    assert first.shape == (3, 8, 8) and first[0].float().mean() > 200 and first[2].float().mean() < 50
+
+    la = Image.new("LA", (4, 4), (0, 0))  # black, fully transparent
+    la.save(tmp_path / "la.png")
+    assert decode_image(tmp_path / "la.png", 1, None).flatten().tolist() == [255] * 16  # on white
+
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)  # index 0 black, 1 green
+    palette.putpixel((0, 0), 1)
+    palette.info["transparency"] = 0  # index 0 transparent
+    palette.save(tmp_path / "palette.png", transparency=0)
+    rgb = decode_image(tmp_path / "palette.png", 3, None)
+    assert rgb[:, 0, 0].tolist() == [0, 255, 0] and rgb[:, 1, 1].tolist() == [255, 255, 255]
+    assert decode_image(tmp_path / "palette.png", 1, None).shape == (1, 4, 4)
 
     wide = Image.new("RGB", (6, 2), (0, 0, 255))
     exif = wide.getexif()

@@ -84,11 +84,12 @@ def _collate(batch):
 
 
 def decode_all(
-    items: Dataset, channels: int, size: int, num_workers: int
-) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """Decode every item into one uint8 (N, C, H, W) tensor; return it and the failures."""
+    items: Dataset, channels: int, size: int, num_workers: int, keep: bool = True
+) -> tuple[torch.Tensor | None, list[tuple[int, str]]]:
+    """Decode every item into one uint8 (N, C, H, W) tensor; return it and the failures.
+    With keep=False the pixels are dropped as they come (a check that every image decodes)."""
     count = len(items)
-    images = torch.empty(count, channels, size, size, dtype=torch.uint8)
+    images = torch.empty(count, channels, size, size, dtype=torch.uint8) if keep else None
     failures: list[tuple[int, str]] = []
     loader = DataLoader(
         _Guarded(items, channels, size),
@@ -97,9 +98,10 @@ def decode_all(
         collate_fn=_collate,
     )
     start, done = time.perf_counter(), 0
-    progress = _Progress(count)
+    progress = _Progress(count, "decoding" if keep else "checking")
     for batch, errors in loader:
-        images[done : done + batch.shape[0]] = batch
+        if images is not None:
+            images[done : done + batch.shape[0]] = batch
         failures += [(done + i, e) for i, e in enumerate(errors) if e]
         done += batch.shape[0]
         progress.update(done)
@@ -110,16 +112,19 @@ def decode_all(
 class _Progress:
     """A rich bar on a terminal, one line at start and end otherwise (stderr)."""
 
-    def __init__(self, total: int):
-        self.total, self.bar = total, None
+    def __init__(self, total: int, verb: str = "decoding"):
+        self.total, self.bar, self.verb = total, None, verb
+        what = "into the tensor cache" if verb == "decoding" else "before training"
+        if not _main_process():
+            return
         if sys.stderr.isatty():
             from rich.progress import Progress
 
             self.bar = Progress(transient=True)
             self.bar.start()
-            self.task = self.bar.add_task(f"decoding {total} images", total=total)
+            self.task = self.bar.add_task(f"{verb} {total} images", total=total)
         else:
-            print(f"decoding {total} images once into the tensor cache…", file=sys.stderr, flush=True)
+            print(f"{verb} {total} images once {what}…", file=sys.stderr, flush=True)
 
     def update(self, done: int) -> None:
         if self.bar is not None:
@@ -128,7 +133,55 @@ class _Progress:
     def close(self, seconds: float) -> None:
         if self.bar is not None:
             self.bar.stop()
-        print(f"decoded {self.total} images in {seconds:.1f} s", file=sys.stderr, flush=True)
+        if _main_process():
+            done = "decoded" if self.verb == "decoding" else "checked"
+            print(f"{done} {self.total} images in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def kept_after(failures: list[tuple[int, str]], count: int, skip: bool) -> torch.Tensor | None:
+    """Unreadable images: one error naming the first (and how many more), or with
+    data.skip_bad_images a warning each and the indices of the images kept."""
+    if not failures:
+        return None
+    if not skip:
+        index, message = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise TrainkitError(f"{message}{more}; set data.skip_bad_images=true to skip them")
+    if _main_process():
+        for _, message in failures:
+            print(f"warning: skipped {message}", file=sys.stderr)
+    mask = torch.ones(count, dtype=torch.bool)
+    mask[torch.tensor([i for i, _ in failures])] = False
+    return torch.nonzero(mask).squeeze(1)
+
+
+def check_images(
+    items: Dataset, paths: list[str], stamps: list[tuple[int, int]], settings: CacheSettings
+) -> torch.Tensor | None:
+    """Before a DataLoader run: decode every image once, so that a corrupt file is named now,
+    not an hour into training. The verdict is cached beside the tensor caches, under the same
+    kind of key (file list, sizes, mtimes), so later runs skip the pass. → kept indices or None."""
+    key = cache_key(paths, stamps, 0, 0)
+    directory = cache_directory(settings)
+    path = directory / f"{key}.checked.pt"
+    failures = None
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") == CACHE_FORMAT:
+                failures = [(int(i), str(m)) for i, m in state["failures"]]
+        except Exception:  # a damaged verdict is redone, never trusted
+            failures = None
+    if failures is None:
+        channels, size = items.channels, items.size
+        _, failures = decode_all(items, channels, size, settings.num_workers, keep=False)
+        if _writable_dir(directory):
+            _save_state_atomic({"format": CACHE_FORMAT, "failures": [[i, m] for i, m in failures]}, path)
+    return kept_after(failures, len(paths), settings.skip_bad_images)
 
 
 def load_or_build_cache(
@@ -148,18 +201,8 @@ def load_or_build_cache(
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     images, failures = decode_all(items, channels, size, settings.num_workers)
-    kept = None
-    if failures:
-        if not settings.skip_bad_images:
-            index, message = failures[0]
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise TrainkitError(f"{message}{more}; set data.skip_bad_images=true to skip them")
-        for _, message in failures:
-            print(f"warning: skipped {message}", file=sys.stderr)
-        bad = torch.tensor([i for i, _ in failures])
-        mask = torch.ones(len(paths), dtype=torch.bool)
-        mask[bad] = False
-        kept = torch.nonzero(mask).squeeze(1)
+    kept = kept_after(failures, len(paths), settings.skip_bad_images)
+    if kept is not None:
         images = images[kept]
     stats = compute_stats(images)
     if _writable_dir(directory):

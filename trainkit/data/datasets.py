@@ -43,6 +43,9 @@ class Split:
         """Per-channel (mean, std) of the decoded images in [0, 1]."""
         return compute_stats(self.tensors()[0])
 
+    def check(self) -> None:
+        """Before a DataLoader run: fail now (or drop) on images that cannot be decoded."""
+
     def subset(self, indices: torch.Tensor) -> Split:
         return SubsetSplit(self, indices)
 
@@ -105,11 +108,23 @@ class FileSplit(Split):
 
     def __init__(self, files: FileList, channels: int, size: int, cache: Any):
         self.paths, self.stamps = files.paths, files.stamps
-        self.labels = torch.tensor(files.labels, dtype=torch.int64)
+        self.all_labels = torch.tensor(files.labels, dtype=torch.int64)
         self.channels, self.size = channels, size
         self.cache = cache  # a trainkit.data.cache.CacheSettings
         self.kept: torch.Tensor | None = None  # indices that decoded, once some were skipped
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._checked = False
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.all_labels if self.kept is None else self.all_labels[self.kept]
+
+    def check(self) -> None:
+        from trainkit.data.cache import check_images
+
+        if not self._checked:
+            self.kept = check_images(self._items(), self.paths, self.stamps, self.cache)
+            self._checked = True
 
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self._stats is None:
@@ -119,16 +134,19 @@ class FileSplit(Split):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         from trainkit.data.cache import load_or_build_cache
 
-        images, kept, self._stats = load_or_build_cache(
-            self.dataset(), self.paths, self.stamps, self.channels, self.size, self.cache
+        images, self.kept, self._stats = load_or_build_cache(
+            self._items(), self.paths, self.stamps, self.channels, self.size, self.cache
         )
-        if kept is not None:  # unreadable files skipped (data.skip_bad_images)
-            self.kept = kept
-            return images, self.labels[kept]
-        return images, self.labels
+        return images, self.labels  # without the files skipped (data.skip_bad_images)
+
+    def _items(self) -> Dataset:
+        return _FileItems(self.paths, self.all_labels, self.channels, self.size)
 
     def dataset(self) -> Dataset:
-        return _FileItems(self.paths, self.labels, self.channels, self.size)
+        if self.kept is None:
+            return self._items()
+        kept = self.kept.tolist()
+        return _FileItems([self.paths[i] for i in kept], self.labels, self.channels, self.size)
 
 
 class _SubsetItems(Dataset):
@@ -143,23 +161,35 @@ class _SubsetItems(Dataset):
 
 
 class SubsetSplit(Split):
+    """Some of a split's items (a seeded val_fraction split); indices count all of the base's
+    files, and are renumbered past any the base skipped as unreadable."""
+
     def __init__(self, base: Split, indices: torch.Tensor):
         self.base, self.indices = base, indices
-        self.labels = base.labels[indices]
+
+    def _positions(self) -> torch.Tensor:
+        kept = getattr(self.base, "kept", None)
+        if kept is None:
+            return self.indices
+        position = torch.full((len(self.base.all_labels),), -1, dtype=torch.int64)
+        position[kept] = torch.arange(len(kept))
+        positions = position[self.indices]
+        return positions[positions >= 0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.base.labels[self._positions()]
+
+    def check(self) -> None:
+        self.base.check()
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.base.tensors()
-        indices = self.indices
-        kept = getattr(self.base, "kept", None)
-        if kept is not None:  # renumber past the images the base skipped
-            position = torch.full((len(self.base.labels),), -1, dtype=torch.int64)
-            position[kept] = torch.arange(len(kept))
-            indices = position[indices]
-            indices = indices[indices >= 0]
-        return images[indices], labels[indices]
+        positions = self._positions()
+        return images[positions], labels[positions]
 
     def dataset(self) -> Dataset:
-        return _SubsetItems(self.base.dataset(), self.indices)
+        return _SubsetItems(self.base.dataset(), self._positions())
 
 
 @dataclass

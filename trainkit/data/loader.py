@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainkit.config import AugmentConfig
 from trainkit.data.preprocess import Preprocess
+from trainkit.errors import TrainkitError
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # images (b, C, H, W) uint8, labels (b,), global b
 
@@ -113,7 +114,11 @@ class LoaderSource(_Batching):
                 yield (torch.empty(0, *shape, dtype=torch.uint8, device=self.device),
                        torch.empty(0, dtype=torch.int64, device=self.device), sizes[i])
                 continue
-            images, labels = next(loaded)
+            try:
+                images, labels = next(loaded)
+            except TrainkitError as error:  # from a worker: "Caught TrainkitError in ..." + traceback
+                last = str(error).strip().splitlines()[-1]
+                raise TrainkitError(last.split("TrainkitError: ", 1)[-1]) from None
             yield (
                 images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True),

@@ -38,6 +38,9 @@ def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> D
     splits = build_splits(data, seed)
     parts = [splits.get(name) for name in dict.fromkeys(splits_needed)]
     in_memory = _use_memory(data, splits, parts)
+    if not in_memory:  # the tensor path decodes everything up front; this path checks first
+        for part in parts:
+            part.check()
     stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
     if stats is None:
         if in_memory:
