@@ -58,10 +58,10 @@ def remove_stale_temp_files(directory: Path) -> int:
     return removed
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+def atomic_save(state: dict[str, Any], path: Path) -> None:
     """Write to a temp file in the same directory, fsync, os.replace, fsync the directory:
-    a crash at any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
+    a crash at any moment leaves either the old file or the new one, never a torn one.
+    On failure the temp file is removed and the OSError raised."""
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb") as handle:
@@ -69,15 +69,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException as error:
+    except BaseException:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise TrainkitError(f"could not save checkpoint {path}: {error.strerror or error}") from None
         raise
     _fsync_directory(path.parent)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    try:
+        atomic_save(state, path)
+    except OSError as error:
+        raise TrainkitError(f"could not save checkpoint {path}: {error.strerror or error}") from None
 
 
 def _describe_unpickling_error(error: Exception) -> str:

@@ -214,13 +214,9 @@ def load_or_build_cache(
 
 
 def _save_state_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from trainkit.checkpoint import atomic_save
+
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
+        atomic_save(state, path)
+    except OSError as error:  # the run goes on without a cache
         print(f"warning: could not write the decoded cache {path}: {error}", file=sys.stderr)
