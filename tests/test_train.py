@@ -151,3 +151,18 @@ def test_help_does_not_import_torch():
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "trainkit", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout
+
+
+def test_a_closed_pipe_is_not_an_error(trained, tmp_path):
+    """`trainkit predict folder | head -1`: once the reader leaves, exit 141 quietly (it printed
+    'error: BrokenPipeError' before)."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(1500):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(folder / f"{i}.png")
+    process = subprocess.Popen([sys.executable, "-m", "trainkit", "predict", str(folder), "-c", str(trained)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(str(folder).encode())
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and "error" not in stderr, stderr

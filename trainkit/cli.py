@@ -36,6 +36,10 @@ def _run(verb, *args, **kwargs):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
+    except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+        raise typer.Exit(141)  # 128 + SIGPIPE, as a shell pipeline reports it
     except Exception as error:  # noqa: BLE001 - the CLI boundary
         if _debug():
             raise
