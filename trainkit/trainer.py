@@ -201,7 +201,8 @@ class Trainer:
             window_sizes = self.sizes[window : min(window + k, total)]
             should_step = index == window + len(window_sizes) - 1
             first = index * self.train_source.batch_size  # this global batch's place in the epoch
-            positions = torch.arange(first + self.placement.rank, first + global_size, self.placement.world)
+            positions = torch.arange(first + self.placement.rank, first + global_size,
+                                     self.placement.world, device=self.device)  # (b,) this rank's rows
             loss, logits = self.train_step(images, labels, positions, sum(window_sizes), should_step)
 
             loss_sum += loss.double() * labels.shape[0]
