@@ -77,6 +77,11 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def last_weights(root: Path, name: str = "tiny") -> dict:
+    """The model weights of run `name`'s last.pt under `root`/runs."""
+    return load(root / "runs" / name / "checkpoints" / "last.pt")["model"]
+
+
 def max_weight_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

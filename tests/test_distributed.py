@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load, max_weight_difference, write_config
+from conftest import last_weights, load, max_weight_difference, write_config
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process tests are POSIX-only")
 
@@ -48,8 +48,23 @@ def run(command: list, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
                           text=True, timeout=DEADLINE)
 
 
-def weights(root: Path, name: str) -> dict:
-    return load(root / "runs" / name / "checkpoints" / "last.pt")["model"]
+def together(commands: list[list], cwd: Path, environments: list[dict]) -> list[tuple[int, str, str]]:
+    """Start the commands at once (one agent per node, one srun task per rank); wait for all.
+    → [(exit code, stdout, stderr)]"""
+    processes = [subprocess.Popen([str(c) for c in command], cwd=cwd, env=environment, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for command, environment in zip(commands, environments)]
+    outputs = [process.communicate(timeout=DEADLINE) for process in processes]
+    return [(process.returncode, *output) for process, output in zip(processes, outputs)]
+
+
+def two_node_agents(config: Path, *overrides: str) -> list[list]:
+    """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+             "--rdzv_endpoint", endpoint, "--rdzv_id", "trainkit-test", "--max_restarts", "0",
+             "-m", "trainkit", "train", config, "train.parallel=ddp", *overrides]
+    return [agent, agent]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +74,7 @@ def reference(tmp_path_factory):
     config = write_config(root, DDP)
     done = run([*TRAINKIT, "train", config, "run.name=single"], root)
     assert done.returncode == 0, done.stderr
-    return root, config, weights(root, "single")
+    return root, config, last_weights(root, "single")
 
 
 def assert_one_complete_run(root: Path, name: str, epochs: int = 2) -> None:
@@ -83,7 +98,7 @@ def test_nproc_matches_one_process(reference, cache):
     assert "x2 (ddp)" in done.stdout and done.stdout.count("run directory:") == 1
     assert ("in-memory tensors" if cache == "memory" else "DataLoader") in done.stdout
     assert_one_complete_run(root, name)
-    assert max_weight_difference(single, weights(root, name)) < 1e-5
+    assert max_weight_difference(single, last_weights(root, name)) < 1e-5
     # metrics are all-reduced over the ranks' shards: the same as one process's
     ours = load(root / "runs" / name / "checkpoints" / "last.pt")["metrics"]
     theirs = load(root / "runs" / "single" / "checkpoints" / "last.pt")["metrics"]
@@ -97,7 +112,7 @@ def test_torchrun_matches_one_process(reference):
                 "--master_port", free_port(), "-m", "trainkit", "train", config, "run.name=torchrun"], root)
     assert done.returncode == 0, done.stderr  # train.parallel auto → ddp at world size 2
     assert_one_complete_run(root, "torchrun")
-    assert max_weight_difference(single, weights(root, "torchrun")) < 1e-5
+    assert max_weight_difference(single, last_weights(root, "torchrun")) < 1e-5
 
 
 def test_accumulation_under_ddp_matches_the_larger_batch(reference):
@@ -107,42 +122,30 @@ def test_accumulation_under_ddp_matches_the_larger_batch(reference):
     done = run([*TRAINKIT, "train", config, "--nproc", "2", "data.batch_size=16",
                 "train.grad_accum_steps=2", "run.name=accum"], root)
     assert done.returncode == 0, done.stderr
-    assert max_weight_difference(single, weights(root, "accum")) < 1e-5
+    assert max_weight_difference(single, last_weights(root, "accum")) < 1e-5
 
 
 def test_two_nodes_on_localhost_train_together(reference):
     root, config, single = reference
-    endpoint = f"127.0.0.1:{free_port()}"
-    agents = [
-        subprocess.Popen(
-            [str(c) for c in [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                              "--rdzv_endpoint", endpoint, "--rdzv_id", "trainkit-test", "--max_restarts", "0",
-                              "-m", "trainkit", "train", config, "train.parallel=ddp", "run.name=nodes"]],
-            cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [agent.communicate(timeout=DEADLINE) for agent in agents]
-    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    results = together(two_node_agents(config, "run.name=nodes"), root, [env(), env()])
+    assert [code for code, *_ in results] == [0, 0], results
     assert_one_complete_run(root, "nodes")
-    assert max_weight_difference(single, weights(root, "nodes")) < 1e-5
+    assert max_weight_difference(single, last_weights(root, "nodes")) < 1e-5
 
 
 def test_srun_tasks_become_ranks(reference):
     """Two processes with the environment `srun --ntasks 2` gives its tasks, and no torchrun."""
     root, config, single = reference
     port = str(free_port())
-    tasks = [
-        subprocess.Popen([str(c) for c in [*TRAINKIT, "train", config, "run.name=slurm"]], cwd=root,
-                         env=env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
-                                 SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
-    outputs = [task.communicate(timeout=DEADLINE) for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], outputs
-    assert "x2 (ddp)" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 reports
+    task = [*TRAINKIT, "train", config, "run.name=slurm"]
+    results = together([task, task], root, [
+        env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+            SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port)
+        for rank in (0, 1)])
+    assert [code for code, *_ in results] == [0, 0], results
+    assert "x2 (ddp)" in results[0][1] and results[1][1] == ""  # only rank 0 reports
     assert_one_complete_run(root, "slurm")
-    assert max_weight_difference(single, weights(root, "slurm")) < 1e-5
+    assert max_weight_difference(single, last_weights(root, "slurm")) < 1e-5
 
 
 @pytest.mark.parametrize("nodelist, host", [("node7", "node7"), ("gpu[07-09,12],cpu1", "gpu07"),
@@ -189,18 +192,9 @@ def test_a_failing_rank_ends_every_process(reference, tmp_path, launcher):
         codes, stderr = [done.returncode], done.stderr
         assert "DDP rank 1 failed first" in stderr
     else:  # the other node only learns through the process group: the harder case
-        endpoint = f"127.0.0.1:{free_port()}"
-        agents = [
-            subprocess.Popen(
-                [str(c) for c in [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", rank,
-                                  "--master_addr", "127.0.0.1", "--master_port", endpoint.split(":")[1],
-                                  "-m", "trainkit", "train", config, "train.parallel=ddp",
-                                  "train.epochs=50", "run.name=fail2"]],
-                cwd=root, env=env(PYTHONPATH=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for rank in ("0", "1")
-        ]
-        outputs = [agent.communicate(timeout=DEADLINE) for agent in agents]
-        codes, stderr = [agent.returncode for agent in agents], outputs[1][1]
+        results = together(two_node_agents(config, "train.epochs=50", "run.name=fail2"), root,
+                           [env(PYTHONPATH=path)] * 2)
+        codes, stderr = [code for code, *_ in results], "".join(err for *_, err in results)
     elapsed = time.perf_counter() - began
     assert all(code != 0 for code in codes), codes
     assert "injected failure on rank 1" in stderr
@@ -268,4 +262,4 @@ def test_sigterm_stops_all_ranks_and_resumes_at_another_world_size(reference, tm
     # resume in ONE process: same global batch and order, so it ends where the others do
     done = run([*TRAINKIT, "train", config, *common, f"run.name={target}", "--resume"], root)
     assert done.returncode == 0, done.stderr
-    assert max_weight_difference(single, weights(root, target)) < 1e-5
+    assert max_weight_difference(single, last_weights(root, target)) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load, max_weight_difference, write_config
+from conftest import last_weights, load, max_weight_difference, write_config
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
 from trainkit.data.loader import BatchTransform, crop_and_flip
@@ -17,10 +17,6 @@ from trainkit.models import build_model
 from trainkit.runtime import unwrap_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _weights(tmp_path, run="tiny"):
-    return load(tmp_path / "runs" / run / "checkpoints" / "last.pt")["model"]
 
 
 def test_resume_continues_exactly(cli, tmp_path):
@@ -34,7 +30,7 @@ def test_resume_continues_exactly(cli, tmp_path):
     assert "resumed at epoch 3, batch 0, step 16" in resumed.stdout
     state = load(tmp_path / "runs" / "part" / "checkpoints" / "last.pt")
     assert state["global_step"] == 24 and state["epoch"] == 3
-    reference = _weights(tmp_path, "full")
+    reference = last_weights(tmp_path, "full")
     for key, value in state["model"].items():
         assert torch.equal(value, reference[key]), key
     assert len((tmp_path / "runs" / "part" / "metrics.csv").read_text().splitlines()) == 4
@@ -70,7 +66,7 @@ def test_gradient_accumulation_matches_the_larger_batch(cli, tmp_path):
     small = cli("train", write_config(tmp_path), *common, "data.batch_size=32",
                 "train.grad_accum_steps=2", "run.name=small")
     assert big.exit_code == 0 and small.exit_code == 0, (big, small)
-    assert max_weight_difference(_weights(tmp_path, "big"), _weights(tmp_path, "small")) < 1e-6
+    assert max_weight_difference(last_weights(tmp_path, "big"), last_weights(tmp_path, "small")) < 1e-6
 
 
 def test_tensor_path_and_dataloader_path_train_identically(cli, tmp_path):
@@ -79,7 +75,7 @@ def test_tensor_path_and_dataloader_path_train_identically(cli, tmp_path):
     loader = cli("train", write_config(tmp_path), "data.cache=none", "run.name=loader", *aug)
     assert memory.exit_code == 0 and loader.exit_code == 0, (memory, loader)
     assert "in-memory tensors" in memory.stdout and "DataLoader" in loader.stdout
-    assert max_weight_difference(_weights(tmp_path, "memory"), _weights(tmp_path, "loader")) == 0
+    assert max_weight_difference(last_weights(tmp_path, "memory"), last_weights(tmp_path, "loader")) == 0
 
 
 def _write_imagefolder(root: Path, per_class: int = 12):

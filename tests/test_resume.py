@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import load, write_config
+from conftest import last_weights, load, write_config
 from trainkit.checkpoint import load_checkpoint
 
 # Optimizers import torch._dynamo on first use (~2 s); imported once here, every forked child
@@ -105,10 +105,6 @@ def signal_at(step: int, signum: int = signal.SIGTERM, times: int = 1):
     return hook
 
 
-def final_weights(root: Path, name: str) -> dict:
-    return load(root / "runs" / name / "checkpoints" / "last.pt")["model"]
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Uninterrupted runs, one per data path (each in its own process)."""
@@ -118,7 +114,7 @@ def references(tmp_path_factory):
     for cache in ("memory", "none"):
         code, out = in_child(["train", config, f"data.cache={cache}", f"run.name=ref_{cache}"])
         assert code == 0, out
-        weights[cache] = final_weights(root, f"ref_{cache}")
+        weights[cache] = last_weights(root, f"ref_{cache}")
     return root, config, weights
 
 

@@ -27,10 +27,11 @@ def _debug() -> bool:
     return os.environ.get("TRAINKIT_DEBUG", "") not in ("", "0", "false")
 
 
-def _run(verb, *args, **kwargs):
-    """Call a verb; turn known failures into one line and an exit code."""
+def _run(verb) -> None:
+    """Call a verb; a non-zero int it returns, and known failures (as one line), become the
+    exit code."""
     try:
-        return verb(*args, **kwargs)
+        code = verb()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -53,6 +54,8 @@ def _run(verb, *args, **kwargs):
         first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
         # a stop on request (checkpoint saved) is not an error
         print(first if hasattr(error, "signum") else f"error: {first}", file=sys.stderr)
+        raise typer.Exit(code)
+    if code:
         raise typer.Exit(code)
 
 
@@ -101,9 +104,7 @@ def train(
 
         run_train(config, resume=resume, resume_path=others[0] if others else None)
 
-    code = _run(verb)
-    if code:
-        raise typer.Exit(code)
+    _run(verb)
 
 
 @app.command("eval")
@@ -144,9 +145,7 @@ def predict(
 
         return run_predict(inputs, checkpoint, topk, as_json, device)
 
-    code = _run(verb)
-    if code:
-        raise typer.Exit(code)
+    _run(verb)
 
 
 @app.command()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainkit.config import LogConfig
+from trainkit.runtime import is_main_process
 
 METRIC_COLUMNS = [
     "epoch",
@@ -25,18 +25,22 @@ METRIC_COLUMNS = [
 ]
 
 
-def _main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # set by torchrun; errors print on every rank
+# Only the main process talks (errors still print on every rank, from the CLI).
 
 
 def say(message: str) -> None:
-    if _main_process():
+    if is_main_process():
         print(message, flush=True)
 
 
+def note(message: str) -> None:
+    """A side remark (e.g. decoding progress) on stderr, leaving stdout to results."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
 def warn(message: str) -> None:
-    if _main_process():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    note(f"warning: {message}")
 
 
 class Reporter:

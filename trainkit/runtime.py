@@ -31,6 +31,7 @@ class Placement:
 
 
 def is_main_process() -> bool:
+    """Rank 0, or no launcher at all; before the process group exists, torchrun's RANK says."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
@@ -42,7 +43,7 @@ def launched_world_size() -> int:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _auto_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainkitError("CUDA is not available on this machine (use --device cpu)")
     return torch.device(name)

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainkit.data.preprocess import compute_stats
 from trainkit.errors import TrainkitError
+from trainkit.reporting import note, warn
+from trainkit.runtime import is_main_process
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -115,7 +117,7 @@ class _Progress:
     def __init__(self, total: int, verb: str = "decoding"):
         self.total, self.bar, self.verb = total, None, verb
         what = "into the tensor cache" if verb == "decoding" else "before training"
-        if not _main_process():
+        if not is_main_process():
             return
         if sys.stderr.isatty():
             from rich.progress import Progress
@@ -124,7 +126,7 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task(f"{verb} {total} images", total=total)
         else:
-            print(f"{verb} {total} images once {what}…", file=sys.stderr, flush=True)
+            note(f"{verb} {total} images once {what}…")
 
     def update(self, done: int) -> None:
         if self.bar is not None:
@@ -133,13 +135,8 @@ class _Progress:
     def close(self, seconds: float) -> None:
         if self.bar is not None:
             self.bar.stop()
-        if _main_process():
-            done = "decoded" if self.verb == "decoding" else "checked"
-            print(f"{done} {self.total} images in {seconds:.1f} s", file=sys.stderr, flush=True)
-
-
-def _main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+        done = "decoded" if self.verb == "decoding" else "checked"
+        note(f"{done} {self.total} images in {seconds:.1f} s")
 
 
 def kept_after(failures: list[tuple[int, str]], count: int, skip: bool) -> torch.Tensor | None:
@@ -151,9 +148,8 @@ def kept_after(failures: list[tuple[int, str]], count: int, skip: bool) -> torch
         index, message = failures[0]
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise TrainkitError(f"{message}{more}; set data.skip_bad_images=true to skip them")
-    if _main_process():
-        for _, message in failures:
-            print(f"warning: skipped {message}", file=sys.stderr)
+    for _, message in failures:
+        warn(f"skipped {message}")
     mask = torch.ones(count, dtype=torch.bool)
     mask[torch.tensor([i for i, _ in failures])] = False
     return torch.nonzero(mask).squeeze(1)
@@ -219,4 +215,4 @@ def _save_state_atomic(state: dict, path: Path) -> None:
     try:
         atomic_save(state, path)
     except OSError as error:  # the run goes on without a cache
-        print(f"warning: could not write the decoded cache {path}: {error}", file=sys.stderr)
+        warn(f"could not write the decoded cache {path}: {error}")

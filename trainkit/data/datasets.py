@@ -113,6 +113,7 @@ class FileSplit(Split):
         self.cache = cache  # a trainkit.data.cache.CacheSettings
         self.kept: torch.Tensor | None = None  # indices that decoded, once some were skipped
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._images: torch.Tensor | None = None  # train and val subsets share one load
         self._checked = False
 
     @property
@@ -134,10 +135,11 @@ class FileSplit(Split):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         from trainkit.data.cache import load_or_build_cache
 
-        images, self.kept, self._stats = load_or_build_cache(
-            self._items(), self.paths, self.stamps, self.channels, self.size, self.cache
-        )
-        return images, self.labels  # without the files skipped (data.skip_bad_images)
+        if self._images is None:
+            self._images, self.kept, self._stats = load_or_build_cache(
+                self._items(), self.paths, self.stamps, self.channels, self.size, self.cache
+            )
+        return self._images, self.labels  # without the files skipped (data.skip_bad_images)
 
     def _items(self) -> Dataset:
         return _FileItems(self.paths, self.all_labels, self.channels, self.size)

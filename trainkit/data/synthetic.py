@@ -76,7 +76,3 @@ def make_synthetic(
         images[start : start + n] = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels
 
-
-def expected_bytes(size: int, image_size: int, channels: int) -> int:
-    return size * channels * image_size * image_size
-
