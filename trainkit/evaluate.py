@@ -14,7 +14,7 @@ from trainkit.runtime import pick_device
 
 
 def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "auto") -> dict[str, Any]:
-    from trainkit.data.pipeline import BatchTransform, make_source
+    from trainkit.data.pipeline import BatchTransform, make_source, use_memory
     from trainkit.data.datasets import build_splits
     from trainkit.data.preprocess import Preprocess
     from trainkit.optim import build_loss
@@ -36,9 +36,7 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
             f"({', '.join(classes[:5])}…)"
         )
     part = splits.get(split)
-    in_memory = config.data.cache == "memory" or (
-        config.data.cache == "auto" and part.nbytes(preprocess.channels, preprocess.image_size) <= config.data.cache_memory_gb * 1e9
-    )
+    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
     source = make_source(part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers)
     model = build_model_from_checkpoint(state, checkpoint).to(target)
     num_classes = int(state["model_spec"]["num_classes"])

@@ -20,11 +20,18 @@ class DataBundle:
     in_memory: bool  # the fast tensor path (else DataLoader)
 
 
-def _use_memory(data: DataConfig, splits: Splits, parts: list[Split]) -> bool:
+def use_memory(data: DataConfig, parts: list[Split], channels: int, image_size: int) -> bool:
+    """The fast tensor path (data.cache: memory, or auto and the parts fit the budget)? When
+    not, the parts' images are checked first: the tensor path decodes everything up front."""
     if data.cache != "auto":
-        return data.cache == "memory"
-    total = sum(part.nbytes(splits.channels, splits.image_size) for part in parts)
-    return total <= data.cache_memory_gb * 1e9
+        in_memory = data.cache == "memory"
+    else:
+        total = sum(part.nbytes(channels, image_size) for part in parts)
+        in_memory = total <= data.cache_memory_gb * 1e9
+    if not in_memory:
+        for part in parts:
+            part.check()
+    return in_memory
 
 
 def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -37,10 +44,7 @@ def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> DataBundle:
     splits = build_splits(data, seed)
     parts = [splits.get(name) for name in dict.fromkeys(splits_needed)]
-    in_memory = _use_memory(data, splits, parts)
-    if not in_memory:  # the tensor path decodes everything up front; this path checks first
-        for part in parts:
-            part.check()
+    in_memory = use_memory(data, parts, splits.channels, splits.image_size)
     stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
     if stats is None:
         if in_memory:
