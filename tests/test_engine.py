@@ -92,10 +92,14 @@ def _write_imagefolder(root: Path, per_class: int = 12):
 def test_imagefolder_decoded_cache(cli, tmp_path, capfd):
     root = tmp_path / "folder"
     _write_imagefolder(root)
+    # hidden entries are not images: a macOS resource fork and a notebook's checkpoint folder
+    (root / "train" / "circle" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (root / "train" / "circle" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (20, 20)).save(root / "train" / "circle" / ".ipynb_checkpoints" / "0.png")
     config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16}})
     first = cli("train", config, "train.epochs=1")
     assert first.exit_code == 0, first
-    assert "decoded 120 images" in first.stderr
+    assert "decoded 120 images" in first.stderr and "ready in" in first.stdout
     caches = list((root / ".trainkit_cache").glob("*.pt"))
     assert len(caches) == 2  # train and test
     second = cli("train", config, "train.epochs=1")

@@ -102,10 +102,13 @@ def test_predict_lines_json_and_errors(cli, trained, tmp_path):
         _image_in_mode(mode, folder / f"img_{mode.replace(';', '')}.png")
     _image_in_mode("CMYK", folder / "img_CMYK.jpg")
     (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "._img_RGB.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: skipped
+    (folder / ".thumbnails").mkdir()
+    _image_in_mode("RGB", folder / ".thumbnails" / "img.png")
 
     result = cli("predict", folder, "-c", trained, "--json", "--topk", "3")
     assert result.exit_code == 1  # one bad image → exit 1 at the end
-    assert "broken.png: cannot read image" in result.stderr
+    assert "broken.png: cannot read image" in result.stderr and result.stderr.count("\n") == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 7
     for record in records:

@@ -25,13 +25,15 @@ def find_default_checkpoint(runs_dir: str = "runs") -> Path:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (recursively, image extensions) and globs → paths; unmatched → errors."""
+    """Files, folders (recursively, image extensions, hidden entries skipped as glob and the
+    ImageFolder scan do) and globs → paths; unmatched → errors."""
     paths: list[Path] = []
     errors: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.exists():
             paths.append(path)
         elif glob.has_magic(item):

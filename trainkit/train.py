@@ -4,6 +4,7 @@ and checked before its run directory exists, so a bad config leaves nothing behi
 from __future__ import annotations
 
 import math
+import time
 import os
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,10 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             "channels": config.data.channels or config.model.in_channels,
         }
     )
+    data_began = time.perf_counter()
     with local_main_first(placement):
         bundle = build_data(data_cfg, config.run.seed)
+    data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
     splits = bundle.splits
     spec = {
         "name": config.model.name,
@@ -162,7 +165,8 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         say(f"run directory: {run_dir}")
         say(f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
             f"{splits.channels}x{splits.image_size}x{splits.image_size}, "
-            f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}; device {placement.device}"
+            f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}, ready in {data_seconds:.1f} s; "
+            f"device {placement.device}"
             + (f" x{world} ({placement.parallel})" if world > 1 else ""))
 
     reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)

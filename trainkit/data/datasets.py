@@ -287,16 +287,20 @@ def _image_files(directory: str) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of every image under `directory`, in sorted path order.
 
     os.scandir hands back each entry's type without a stat and one stat per image gives the
-    cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat.
+    cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
+    entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images).
     """
     found: list[tuple[str, int, int]] = []
     pending = [directory]
     while pending:
         with os.scandir(pending.pop()) as entries:
             for entry in entries:
+                name = entry.name
+                if name[0] == ".":
+                    continue
                 if entry.is_dir():
                     pending.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                elif name[name.rfind("."):].lower() in IMAGE_EXTENSIONS and entry.is_file():
                     stat = entry.stat()
                     found.append((entry.path, stat.st_size, stat.st_mtime_ns))
     found.sort()
