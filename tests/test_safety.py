@@ -45,6 +45,7 @@ def test_pickle_payload_never_runs(cli, tmp_path, verb):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # the archive is the hostile input
 def test_torchscript_archives_are_refused(tmp_path):
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
     path = tmp_path / "model.pt"

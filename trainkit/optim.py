@@ -7,6 +7,7 @@ signature of the torch class, so a typo fails before any data is loaded.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -180,8 +181,11 @@ class LRSchedule:
         The saved per-step scheduler is tied to the old total length (onecycle refuses to step
         past it), so this one is advanced to the same step instead; plateau state carries over.
         """
-        for _ in range(int(state["steps"])):
-            self.step()
+        with warnings.catch_warnings():
+            # torch warns when a scheduler steps before its optimizer ever did: here that is the point
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(int(state["steps"])):
+                self.step()
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
 
