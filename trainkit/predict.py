@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
-from trainkit.data.preprocess import IMAGE_EXTENSIONS, Preprocess, decode_image
+from trainkit.data.preprocess import Preprocess, decode_image, image_files
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
 
@@ -25,15 +25,14 @@ def find_default_checkpoint(runs_dir: str = "runs") -> Path:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (recursively, image extensions, hidden entries skipped as glob and the
-    ImageFolder scan do) and globs → paths; unmatched → errors."""
+    """Files, folders (their images, as the ImageFolder scan finds them) and globs → paths;
+    unmatched → errors."""
     paths: list[Path] = []
     errors: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            paths += [Path(file) for file, _, _ in image_files(str(path))]
         elif path.exists():
             paths.append(path)
         elif glob.has_magic(item):

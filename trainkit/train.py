@@ -4,8 +4,8 @@ and checked before its run directory exists, so a bad config leaves nothing behi
 from __future__ import annotations
 
 import math
-import time
 import os
+import time
 from pathlib import Path
 from typing import Any
 

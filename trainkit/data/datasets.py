@@ -7,7 +7,6 @@ Every split offers two views of the same pixels:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainkit.config import DataConfig
-from trainkit.data.preprocess import IMAGE_EXTENSIONS, compute_stats, decode_image, resize, to_channels
+from trainkit.data.preprocess import IMAGE_EXTENSIONS, compute_stats, decode_image, image_files, resize, to_channels
 from trainkit.errors import ConfigError, TrainkitError, unknown_choice
 
 
@@ -283,30 +282,6 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
     return build
 
 
-def _image_files(directory: str) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every image under `directory`, in sorted path order.
-
-    os.scandir hands back each entry's type without a stat and one stat per image gives the
-    cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
-    entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images).
-    """
-    found: list[tuple[str, int, int]] = []
-    pending = [directory]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                name = entry.name
-                if name[0] == ".":
-                    continue
-                if entry.is_dir():
-                    pending.append(entry.path)
-                elif name[name.rfind("."):].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    stat = entry.stat()
-                    found.append((entry.path, stat.st_size, stat.st_mtime_ns))
-    found.sort()
-    return found
-
-
 def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, list[str]]:
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = classes or found
@@ -317,7 +292,7 @@ def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, lis
     for name in found:
         if name not in index:
             raise TrainkitError(f"{folder / name}: class not in the training classes")
-        for path, size, mtime in _image_files(str(folder / name)):
+        for path, size, mtime in image_files(str(folder / name)):
             files.paths.append(path)
             files.labels.append(index[name])
             files.stamps.append((size, mtime))

