@@ -70,8 +70,10 @@ def per_image_datasets(args):
     if args.data:
         from torchvision.datasets import ImageFolder
 
-        return (ImageFolder(os.path.join(args.data, "train"), transform),
-                ImageFolder(os.path.join(args.data, "test"), transform))
+        return (
+            ImageFolder(os.path.join(args.data, "train"), transform),
+            ImageFolder(os.path.join(args.data, "test"), transform),
+        )
     from trainkit.data.synthetic import make_synthetic
 
     train = make_synthetic(args.synthetic_size, "train", 32, 3)
@@ -169,12 +171,20 @@ def run_lightning(args) -> dict:
                     trainer.should_stop = True
 
     clock = Clock()
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=2,
-                        persistent_workers=True)
+    loader = DataLoader(
+        train, batch_size=args.batch_size, shuffle=True, num_workers=2, persistent_workers=True
+    )
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-    trainer = pl.Trainer(max_epochs=100, accelerator=accelerator, devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[clock])
+    trainer = pl.Trainer(
+        max_epochs=100,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
     trainer.fit(Module(), loader)
     return {"images_per_s": clock.seen / (time.perf_counter() - clock.start)}
 
@@ -208,14 +218,26 @@ def run_compute_limit(args) -> dict:
 
 
 def trainkit_command(args, out_dir: Path, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "trainkit", "train", str(ROOT / "configs" / "cifar10.yaml"),
-               f"run.out_dir={out_dir}", "log.progress=plain", "log.tensorboard=false",
-               f"data.batch_size={args.batch_size}", f"train.device={args.device}"]
+    command = [
+        sys.executable,
+        "-m",
+        "trainkit",
+        "train",
+        str(ROOT / "configs" / "cifar10.yaml"),
+        f"run.out_dir={out_dir}",
+        "log.progress=plain",
+        "log.tensorboard=false",
+        f"data.batch_size={args.batch_size}",
+        f"train.device={args.device}",
+    ]
     if args.data:
         command += ["data.name=imagefolder", f"data.root={args.data}"]
     else:
-        command += ["data.name=synthetic", f"data.synthetic.train_size={args.synthetic_size}",
-                    "data.synthetic.test_size=2000"]
+        command += [
+            "data.name=synthetic",
+            f"data.synthetic.train_size={args.synthetic_size}",
+            "data.synthetic.test_size=2000",
+        ]
     return command + extra + args.trainkit_args.split()
 
 
@@ -228,8 +250,10 @@ def run_trainkit(args) -> dict:
         raise RuntimeError(done.stderr.strip().splitlines()[-1])
     rows = list(csv.DictReader(open(next(out.glob("*/metrics.csv")))))
     warm = rows[1:] or rows  # the first epoch includes warm-up
-    result = {"images_per_s": statistics.mean(float(r["images_per_s"]) for r in warm),
-              "checkpoint": str(next(out.glob("*/checkpoints/best.pt")))}
+    result = {
+        "images_per_s": statistics.mean(float(r["images_per_s"]) for r in warm),
+        "checkpoint": str(next(out.glob("*/checkpoints/best.pt"))),
+    }
     if args.data:
         elapsed = 0.0
         for row in rows:
@@ -237,12 +261,18 @@ def run_trainkit(args) -> dict:
             if "seconds_to_target" not in result and float(row["val_accuracy"]) >= args.target:
                 result.update(seconds_to_target=elapsed, epochs_to_target=int(row["epoch"]))
         result.update(test_accuracy=float(rows[-1]["val_accuracy"]), epochs=len(rows), train_seconds=elapsed)
-    result.update(peak_memory_mb_child=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))
+    result.update(
+        peak_memory_mb_child=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    )
     return result
 
 
-CONTESTANTS = {"trainkit": run_trainkit, "tutorial": run_tutorial, "lightning": run_lightning,
-               "compute_limit": run_compute_limit}
+CONTESTANTS = {
+    "trainkit": run_trainkit,
+    "tutorial": run_tutorial,
+    "lightning": run_lightning,
+    "compute_limit": run_compute_limit,
+}
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -266,8 +296,12 @@ def startup_figures(checkpoint: str) -> dict:
     help_s = median_seconds([str(Path(sys.executable).parent / "trainkit"), "--help"], 5)
     predict_s = median_seconds(trainkit + ["predict", str(image), "-c", checkpoint], 5)
     imports_s = median_seconds([sys.executable, "-c", "import torch, torchvision"], 5)
-    return {"help_s": help_s, "predict_s": predict_s, "import_torch_torchvision_s": imports_s,
-            "predict_over_import": predict_s / imports_s}
+    return {
+        "help_s": help_s,
+        "predict_s": predict_s,
+        "import_torch_torchvision_s": imports_s,
+        "predict_over_import": predict_s / imports_s,
+    }
 
 
 FLOOR = """
@@ -312,10 +346,16 @@ def cache_figures(args) -> dict:
         runs.append((seconds, float(ready.group(1)) if ready else float("nan")))
     floor, _ = seconds_to_first_step([sys.executable, "-c", FLOOR])
     (first, first_data), (second, second_data) = runs
-    return {"first_step_first_run_s": first, "first_step_second_run_s": second,
-            "cache_speedup": first / second, "data_ready_first_run_s": first_data,
-            "data_ready_second_run_s": second_data, "data_speedup": first_data / second_data,
-            "torch_optim_floor_s": floor, "speedup_bound": first / floor}
+    return {
+        "first_step_first_run_s": first,
+        "first_step_second_run_s": second,
+        "cache_speedup": first / second,
+        "data_ready_first_run_s": first_data,
+        "data_ready_second_run_s": second_data,
+        "data_speedup": first_data / second_data,
+        "torch_optim_floor_s": floor,
+        "speedup_bound": first / floor,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -336,7 +376,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20, help="throughput window per contestant")
     parser.add_argument("--target", type=float, default=0.54, help="test accuracy for time-to-target")
-    parser.add_argument("--max-seconds", type=float, default=400, help="cap for the tutorial's time to target")
+    parser.add_argument(
+        "--max-seconds", type=float, default=400, help="cap for the tutorial's time to target"
+    )
     parser.add_argument("--trainkit-epochs", type=int, help="default: 15 with --data, else 3")
     parser.add_argument("--trainkit-args", default="", help="extra overrides, e.g. 'train.compile=true'")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (every contestant)")
@@ -350,24 +392,43 @@ def main() -> None:
 
     results = {}
     for name in args.only:
-        command = [sys.executable, __file__, "--worker", name, "--batch-size", str(args.batch_size),
-                   "--seconds", str(args.seconds), "--target", str(args.target),
-                   "--max-seconds", str(args.max_seconds), "--synthetic-size", str(args.synthetic_size),
-                   "--threads", str(args.threads), "--device", args.device,
-                   f"--trainkit-args={args.trainkit_args}"]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--batch-size",
+            str(args.batch_size),
+            "--seconds",
+            str(args.seconds),
+            "--target",
+            str(args.target),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--synthetic-size",
+            str(args.synthetic_size),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            f"--trainkit-args={args.trainkit_args}",
+        ]
         command += ["--trainkit-epochs", str(args.trainkit_epochs)] if args.trainkit_epochs else []
         command += ["--data", args.data] if args.data else []
         print(f"running {name}…", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
         if line is None:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"  {name} failed: {tail}", file=sys.stderr)
             continue
-        results[name] = json.loads(line[len("RESULT "):])
+        results[name] = json.loads(line[len("RESULT ") :])
 
-    print(f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), device {args.device}, {args.threads} threads, "
-          f"data: {args.data or f'synthetic {args.synthetic_size} images 3x32x32'}\n")
+    print(
+        f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), device {args.device}, "
+        f"{args.threads} threads, "
+        f"data: {args.data or f'synthetic {args.synthetic_size} images 3x32x32'}\n"
+    )
     print(f"{'contestant':<15}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
     for name, r in results.items():
         peak = r.get("peak_memory_mb_child") or r["peak_mb"]
@@ -383,21 +444,29 @@ def main() -> None:
         if "seconds_to_target" in results["trainkit"] and "tutorial" in results:
             tutorial = results["tutorial"].get("seconds_to_target")
             if tutorial:
-                print(f"time to {100 * args.target:.0f}%: trainkit / tutorial "
-                      f"{results['trainkit']['seconds_to_target'] / tutorial:6.3f}")
+                print(
+                    f"time to {100 * args.target:.0f}%: trainkit / tutorial "
+                    f"{results['trainkit']['seconds_to_target'] / tutorial:6.3f}"
+                )
         startup = startup_figures(results["trainkit"]["checkpoint"])
-        print(f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "
-              f"{startup['predict_s']:.2f} s; python -c 'import torch, torchvision' "
-              f"{startup['import_torch_torchvision_s']:.2f} s; predict / import "
-              f"{startup['predict_over_import']:.2f}")
+        print(
+            f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "
+            f"{startup['predict_s']:.2f} s; python -c 'import torch, torchvision' "
+            f"{startup['import_torch_torchvision_s']:.2f} s; predict / import "
+            f"{startup['predict_over_import']:.2f}"
+        )
         if args.data:
             cache = cache_figures(args)
-            print(f"first training step: first run {cache['first_step_first_run_s']:.1f} s, second "
-                  f"run {cache['first_step_second_run_s']:.1f} s ({cache['cache_speedup']:.1f}x sooner); "
-                  f"data ready in {cache['data_ready_first_run_s']:.1f} s vs "
-                  f"{cache['data_ready_second_run_s']:.2f} s ({cache['data_speedup']:.0f}x)")
-            print(f"floor: import torch + one torch.optim step {cache['torch_optim_floor_s']:.1f} s, "
-                  f"so no torch.optim trainer can be more than {cache['speedup_bound']:.1f}x sooner")
+            print(
+                f"first training step: first run {cache['first_step_first_run_s']:.1f} s, second "
+                f"run {cache['first_step_second_run_s']:.1f} s ({cache['cache_speedup']:.1f}x sooner); "
+                f"data ready in {cache['data_ready_first_run_s']:.1f} s vs "
+                f"{cache['data_ready_second_run_s']:.2f} s ({cache['data_speedup']:.0f}x)"
+            )
+            print(
+                f"floor: import torch + one torch.optim step {cache['torch_optim_floor_s']:.1f} s, "
+                f"so no torch.optim trainer can be more than {cache['speedup_bound']:.1f}x sooner"
+            )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def cli(tmp_path, monkeypatch):
     return run
 
 
-def write_config(directory: Path, overrides: dict | None = None, base: dict | None = None, name="cfg.yaml") -> Path:
+def write_config(
+    directory: Path, overrides: dict | None = None, base: dict | None = None, name="cfg.yaml"
+) -> Path:
     config = deep_merge(base or TINY, overrides or {})
     config["run"] = {**config.get("run", {}), "out_dir": str(directory / "runs")}
     path = directory / name

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import write_config
+
 from trainkit.config import Config, apply_overrides, load_config
 from trainkit.errors import ConfigError
 
@@ -19,8 +19,16 @@ def test_defaults_come_from_the_schema(tmp_path):
 
 
 def test_overrides_have_yaml_scalar_semantics(tmp_path):
-    config = load_config(write_config(tmp_path), ["optim.lr=1e-3", "train.epochs=3", "data.augment.hflip=true",
-                                                 "train.device=[0, 1]", "model.hidden_sizes=[8, 4]"])
+    config = load_config(
+        write_config(tmp_path),
+        [
+            "optim.lr=1e-3",
+            "train.epochs=3",
+            "data.augment.hflip=true",
+            "train.device=[0, 1]",
+            "model.hidden_sizes=[8, 4]",
+        ],
+    )
     assert config.optim.kwargs["lr"] == 0.001 and isinstance(config.optim.kwargs["lr"], float)
     assert config.train.epochs == 3 and config.data.augment.hflip is True
     assert config.train.device == [0, 1]
@@ -65,7 +73,10 @@ def test_schema_errors_name_the_path(tmp_path, text, path, words):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model.name=lenett", "model.name: unknown model 'lenett'; did you mean 'lenet'? choices: alexnet, lenet, mlp"),
+        (
+            "model.name=lenett",
+            "model.name: unknown model 'lenett'; did you mean 'lenet'? choices: alexnet, lenet, mlp",
+        ),
         ("optim.name=adamm", "did you mean 'adam'?"),
         ("optim.lr=-0.1", "optim.lr: must be a number > 0"),
         ("optim.betas_typo=1", "optim.betas_typo: not an argument of sgd"),

@@ -16,16 +16,21 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import last_weights, load, max_weight_difference, write_config
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process tests are POSIX-only")
 
 # 9 global batches of 32 per epoch, the last of 1 image (so one rank's share is empty), eval
 # batches of 64 over 129 images likewise; crop + flip augmentation
-DDP = {"data": {"synthetic": {"train_size": 257, "test_size": 129}, "eval_batch_size": 64,
-                "augment": {"crop_padding": 2, "hflip": True}},
-       "train": {"epochs": 2}, "log": {"tensorboard": True}}
+DDP = {
+    "data": {
+        "synthetic": {"train_size": 257, "test_size": 129},
+        "eval_batch_size": 64,
+        "augment": {"crop_padding": 2, "hflip": True},
+    },
+    "train": {"epochs": 2},
+    "log": {"tensorboard": True},
+}
 TRAINKIT = [sys.executable, "-m", "trainkit"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 DEADLINE = 120  # seconds for any one multi-process command (they take ~10 s)
@@ -44,16 +49,25 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(command: list, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in command], cwd=cwd, env=env(**extra), capture_output=True,
-                          text=True, timeout=DEADLINE)
+    return subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=DEADLINE
+    )
 
 
 def together(commands: list[list], cwd: Path, environments: list[dict]) -> list[tuple[int, str, str]]:
     """Start the commands at once (one agent per node, one srun task per rank); wait for all.
     → [(exit code, stdout, stderr)]"""
-    processes = [subprocess.Popen([str(c) for c in command], cwd=cwd, env=environment, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for command, environment in zip(commands, environments)]
+    processes = [
+        subprocess.Popen(
+            [str(c) for c in command],
+            cwd=cwd,
+            env=environment,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for command, environment in zip(commands, environments)
+    ]
     outputs = [process.communicate(timeout=DEADLINE) for process in processes]
     return [(process.returncode, *output) for process, output in zip(processes, outputs)]
 
@@ -61,9 +75,27 @@ def together(commands: list[list], cwd: Path, environments: list[dict]) -> list[
 def two_node_agents(config: Path, *overrides: str) -> list[list]:
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
-    agent = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-             "--rdzv_endpoint", endpoint, "--rdzv_id", "trainkit-test", "--max_restarts", "0",
-             "-m", "trainkit", "train", config, "train.parallel=ddp", *overrides]
+    agent = [
+        *TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        endpoint,
+        "--rdzv_id",
+        "trainkit-test",
+        "--max_restarts",
+        "0",
+        "-m",
+        "trainkit",
+        "train",
+        config,
+        "train.parallel=ddp",
+        *overrides,
+    ]
     return [agent, agent]
 
 
@@ -108,8 +140,23 @@ def test_nproc_matches_one_process(reference, cache):
 
 def test_torchrun_matches_one_process(reference):
     root, config, single = reference
-    done = run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", free_port(), "-m", "trainkit", "train", config, "run.name=torchrun"], root)
+    done = run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            free_port(),
+            "-m",
+            "trainkit",
+            "train",
+            config,
+            "run.name=torchrun",
+        ],
+        root,
+    )
     assert done.returncode == 0, done.stderr  # train.parallel auto → ddp at world size 2
     assert_one_complete_run(root, "torchrun")
     assert max_weight_difference(single, last_weights(root, "torchrun")) < 1e-5
@@ -119,8 +166,19 @@ def test_accumulation_under_ddp_matches_the_larger_batch(reference):
     # 2 ranks × micro-batches of 16 (global 16) × 2 accumulation steps = global batch 32;
     # no_sync() skips the all-reduce of the first micro-batch of each window
     root, config, single = reference
-    done = run([*TRAINKIT, "train", config, "--nproc", "2", "data.batch_size=16",
-                "train.grad_accum_steps=2", "run.name=accum"], root)
+    done = run(
+        [
+            *TRAINKIT,
+            "train",
+            config,
+            "--nproc",
+            "2",
+            "data.batch_size=16",
+            "train.grad_accum_steps=2",
+            "run.name=accum",
+        ],
+        root,
+    )
     assert done.returncode == 0, done.stderr
     assert max_weight_difference(single, last_weights(root, "accum")) < 1e-5
 
@@ -138,24 +196,42 @@ def test_srun_tasks_become_ranks(reference):
     root, config, single = reference
     port = str(free_port())
     task = [*TRAINKIT, "train", config, "run.name=slurm"]
-    results = together([task, task], root, [
-        env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
-            SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port)
-        for rank in (0, 1)])
+    results = together(
+        [task, task],
+        root,
+        [
+            env(
+                SLURM_PROCID=str(rank),
+                SLURM_LOCALID=str(rank),
+                SLURM_STEP_NUM_TASKS="2",
+                SLURM_STEP_NODELIST="localhost",
+                SLURM_JOB_ID="4242",
+                MASTER_PORT=port,
+            )
+            for rank in (0, 1)
+        ],
+    )
     assert [code for code, *_ in results] == [0, 0], results
     assert "x2 (ddp)" in results[0][1] and results[1][1] == ""  # only rank 0 reports
     assert_one_complete_run(root, "slurm")
     assert max_weight_difference(single, last_weights(root, "slurm")) < 1e-5
 
 
-@pytest.mark.parametrize("nodelist, host", [("node7", "node7"), ("gpu[07-09,12],cpu1", "gpu07"),
-                                            ("a[3,5]-ib", "a3-ib"), ("x1,y[1-2]", "x1")])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node7", "node7"), ("gpu[07-09,12],cpu1", "gpu07"), ("a[3,5]-ib", "a3-ib"), ("x1,y[1-2]", "x1")],
+)
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     from trainkit.runtime import adopt_slurm_environment, first_host
 
     assert first_host(nodelist) == host
-    environ = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4",
-               "SLURM_STEP_NODELIST": nodelist, "SLURM_JOB_ID": "123"}
+    environ = {
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NODELIST": nodelist,
+        "SLURM_JOB_ID": "123",
+    }
     assert adopt_slurm_environment(environ)
     assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("3", "4", "1")
     assert environ["MASTER_ADDR"] == host and environ["MASTER_PORT"] == "20123"
@@ -187,13 +263,17 @@ def test_a_failing_rank_ends_every_process(reference, tmp_path, launcher):
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     began = time.perf_counter()
     if launcher == "nproc":
-        done = run([*TRAINKIT, "train", config, "--nproc", "2", "train.epochs=50", "run.name=fail"],
-                   root, PYTHONPATH=path)
+        done = run(
+            [*TRAINKIT, "train", config, "--nproc", "2", "train.epochs=50", "run.name=fail"],
+            root,
+            PYTHONPATH=path,
+        )
         codes, stderr = [done.returncode], done.stderr
         assert "DDP rank 1 failed first" in stderr
     else:  # the other node only learns through the process group: the harder case
-        results = together(two_node_agents(config, "train.epochs=50", "run.name=fail2"), root,
-                           [env(PYTHONPATH=path)] * 2)
+        results = together(
+            two_node_agents(config, "train.epochs=50", "run.name=fail2"), root, [env(PYTHONPATH=path)] * 2
+        )
         codes, stderr = [code for code, *_ in results], "".join(err for *_, err in results)
     elapsed = time.perf_counter() - began
     assert all(code != 0 for code in codes), codes
@@ -245,7 +325,12 @@ def test_sigterm_stops_all_ranks_and_resumes_at_another_world_size(reference, tm
     common = ["data.batch_size=8", "train.grad_accum_steps=4"]
     launcher = subprocess.Popen(
         [str(c) for c in [*TRAINKIT, "train", config, "--nproc", "2", *common, f"run.name={target}"]],
-        cwd=root, env=env(PYTHONPATH=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=root,
+        env=env(PYTHONPATH=path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in launcher.stdout:
         if line.startswith("first training step"):
             break

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import last_weights, load, max_weight_difference, write_config
 from PIL import Image
 
-from conftest import last_weights, load, max_weight_difference, write_config
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
 from trainkit.data.loader import BatchTransform, crop_and_flip
@@ -66,11 +66,22 @@ def test_resume_without_checkpoint_fails_cleanly(cli, tmp_path):
 def test_gradient_accumulation_matches_the_larger_batch(cli, tmp_path):
     # 250 images: the last window is short, and its weighting must still be exact
     # augmentation too: each sample's crop and flip follow its place in the epoch, not the batching
-    common = ["data.synthetic.train_size=250", "train.epochs=2", "model.dropout=0.0",
-              "data.augment.crop_padding=2", "data.augment.hflip=true"]
+    common = [
+        "data.synthetic.train_size=250",
+        "train.epochs=2",
+        "model.dropout=0.0",
+        "data.augment.crop_padding=2",
+        "data.augment.hflip=true",
+    ]
     big = cli("train", write_config(tmp_path), *common, "data.batch_size=64", "run.name=big")
-    small = cli("train", write_config(tmp_path), *common, "data.batch_size=32",
-                "train.grad_accum_steps=2", "run.name=small")
+    small = cli(
+        "train",
+        write_config(tmp_path),
+        *common,
+        "data.batch_size=32",
+        "train.grad_accum_steps=2",
+        "run.name=small",
+    )
     assert big.exit_code == 0 and small.exit_code == 0, (big, small)
     assert max_weight_difference(last_weights(tmp_path, "big"), last_weights(tmp_path, "small")) < 1e-6
 
@@ -136,8 +147,18 @@ def test_imagefolder_bad_image_is_named_before_training(cli, tmp_path, cache, va
     truncated = root / "train" / "square" / "truncated.jpg"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(truncated, quality=95)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    config = write_config(tmp_path, {"data": {"name": "imagefolder", "root": str(root), "image_size": 16,
-                                              "cache": cache, "val_fraction": val_fraction}})
+    config = write_config(
+        tmp_path,
+        {
+            "data": {
+                "name": "imagefolder",
+                "root": str(root),
+                "image_size": 16,
+                "cache": cache,
+                "val_fraction": val_fraction,
+            }
+        },
+    )
     result = cli("train", config, "train.epochs=1")
     assert result.exit_code == 1, result
     assert "broken.png" in result.stderr and "(and 1 more)" in result.stderr
@@ -145,9 +166,14 @@ def test_imagefolder_bad_image_is_named_before_training(cli, tmp_path, cache, va
     assert "first training step" not in result.stdout  # before any training
     skipped = cli("train", config, "train.epochs=2", "data.skip_bad_images=true")
     assert skipped.exit_code == 0, skipped
-    assert "skipped" in skipped.stderr and "broken.png" in skipped.stderr and "truncated.jpg" in skipped.stderr
+    assert (
+        "skipped" in skipped.stderr and "broken.png" in skipped.stderr and "truncated.jpg" in skipped.stderr
+    )
     readable = len(list((root / "train").rglob("*.*"))) - 2
-    train, val = (int(n) for n in skipped.stdout.split("data: imagefolder train ")[1].split(" images")[0].split(" / val "))
+    train, val = (
+        int(n)
+        for n in skipped.stdout.split("data: imagefolder train ")[1].split(" images")[0].split(" / val ")
+    )
     assert (train + val if val_fraction else train) == readable
     again = cli("train", config, "train.epochs=1", "data.skip_bad_images=true")
     assert again.exit_code == 0 and "checking" not in again.stderr and "decoding" not in again.stderr
@@ -159,8 +185,14 @@ def test_dataparallel_checkpoint_has_no_module_prefix(tmp_path):
     assert all(k.startswith("module.") for k in wrapped.state_dict())
     assert not any(k.startswith("module.") for k in unwrap_model(wrapped).state_dict())
     # a checkpoint written by other tools with the prefix still loads
-    state = {"format_version": 1, "model": wrapped.state_dict(), "preprocess": {}, "classes": [],
-             "config": {}, "model_spec": {"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32}}
+    state = {
+        "format_version": 1,
+        "model": wrapped.state_dict(),
+        "preprocess": {},
+        "classes": [],
+        "config": {},
+        "model_spec": {"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32},
+    }
     save_checkpoint(state, tmp_path / "dp.pt")
     loaded = load_checkpoint(tmp_path / "dp.pt")
     assert not any(k.startswith("module.") for k in loaded["model"])

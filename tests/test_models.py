@@ -41,7 +41,9 @@ def test_lenet_is_the_tutorial_network_on_cifar():
     assert (120, 400) in shapes and (84, 120) in shapes and (10, 84) in shapes
 
 
-@pytest.mark.parametrize("name, channels", [("torchvision.resnet18", 1), ("torchvision.mobilenet_v3_small", 3)])
+@pytest.mark.parametrize(
+    "name, channels", [("torchvision.resnet18", 1), ("torchvision.mobilenet_v3_small", 3)]
+)
 def test_torchvision_models(name, channels):
     model = build_model({"name": name, "num_classes": 5, "in_channels": channels, "input_size": 32})
     model.eval()
@@ -49,7 +51,16 @@ def test_torchvision_models(name, channels):
 
 
 def test_mlp_options():
-    model = build_model({"name": "mlp", "num_classes": 3, "in_channels": 1, "input_size": 8,
-                         "hidden_sizes": [16, 8], "activation": "gelu", "dropout": 0.1})
+    model = build_model(
+        {
+            "name": "mlp",
+            "num_classes": 3,
+            "in_channels": 1,
+            "input_size": 8,
+            "hidden_sizes": [16, 8],
+            "activation": "gelu",
+            "dropout": 0.1,
+        }
+    )
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 3
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 3)

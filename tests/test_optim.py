@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from trainkit.config import LossConfig, OptimConfig, SchedConfig
-from trainkit.optim import LOSSES, SCHEDULERS, build_loss, build_optimizer, build_scheduler, optimizer_registry
+from trainkit.optim import (
+    LOSSES,
+    SCHEDULERS,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    optimizer_registry,
+)
 
 
 def _tiny_problem():
@@ -61,11 +68,14 @@ def test_every_optimizer_steps(name):
 def test_every_scheduler_steps(name, warmup):
     if name == "onecycle" and warmup:
         pytest.skip("onecycle has its own warmup")
-    kwargs = {"step": {"step_size": 1}, "multistep": {"milestones": [1, 2]}, "plateau": {"patience": 0}}.get(name, {})
+    kwargs = {"step": {"step_size": 1}, "multistep": {"milestones": [1, 2]}, "plateau": {"patience": 0}}.get(
+        name, {}
+    )
     model, _, _ = _tiny_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    schedule = build_scheduler(SchedConfig(name=name, warmup_epochs=warmup, **kwargs), optimizer,
-                               steps_per_epoch=5, epochs=3)
+    schedule = build_scheduler(
+        SchedConfig(name=name, warmup_epochs=warmup, **kwargs), optimizer, steps_per_epoch=5, epochs=3
+    )
     lrs = []
     for step in range(15):
         optimizer.step()

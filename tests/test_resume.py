@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -19,28 +18,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from conftest import last_weights, load, write_config
-from trainkit.checkpoint import load_checkpoint
 
 # Optimizers import torch._dynamo on first use (~2 s); imported once here, every forked child
 # starts training at once.
 import torch._dynamo  # noqa: E402, F401
+from conftest import last_weights, load, write_config
+from typer.testing import CliRunner
+
 import trainkit.cli  # noqa: E402, F401
+import trainkit.data.pipeline  # noqa: E402, F401
 import trainkit.train  # noqa: E402, F401
 import trainkit.trainer  # noqa: E402, F401
-import trainkit.data.pipeline  # noqa: E402, F401
+from trainkit.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 # Everything that makes a resume hard: shuffling, crop + flip, dropout, one-cycle lr and
 # momentum, accumulation. 256 images / 32 = 8 micro-batches = 4 optimizer steps per epoch.
-HARD = {"data": {"augment": {"crop_padding": 2, "hflip": True}},
-        "model": {"dropout": 0.2},
-        "sched": {"name": "onecycle"},
-        "train": {"epochs": 3, "grad_accum_steps": 2},
-        "log": {"tensorboard": False}}
+HARD = {
+    "data": {"augment": {"crop_padding": 2, "hflip": True}},
+    "model": {"dropout": 0.2},
+    "sched": {"name": "onecycle"},
+    "train": {"epochs": 3, "grad_accum_steps": 2},
+    "log": {"tensorboard": False},
+}
 STEPS = 12
 MOMENTS = {"step_1": 1, "epoch_boundary": 4, "mid_epoch": 6, "last_step": 12}
 
@@ -56,7 +57,9 @@ def in_child(args: list, hook=None, kill_after: float | None = None, timeout: fl
             torch.set_num_threads(1)  # as DataLoader workers do after a fork
             if hook is not None:
                 hook()
-            result = CliRunner().invoke(__import__("trainkit.cli", fromlist=["app"]).app, [str(a) for a in args])
+            result = CliRunner().invoke(
+                __import__("trainkit.cli", fromlist=["app"]).app, [str(a) for a in args]
+            )
             os.write(write, (result.stdout + result.stderr).encode())
             code = result.exit_code
         finally:
@@ -142,7 +145,6 @@ def test_sigterm_then_resume_is_exact(references, cache, moment):
 
 
 def _skip_rng():
-    import trainkit.trainer
 
     trainkit.trainer.set_rng_state = lambda state: None
 
@@ -169,8 +171,11 @@ def _skip_data_position():
     Trainer.load_state = load_state
 
 
-@pytest.mark.parametrize("sabotage", [_skip_rng, _skip_scheduler, _skip_optimizer, _skip_data_position],
-                         ids=["rng", "scheduler", "optimizer", "data_position"])
+@pytest.mark.parametrize(
+    "sabotage",
+    [_skip_rng, _skip_scheduler, _skip_optimizer, _skip_data_position],
+    ids=["rng", "scheduler", "optimizer", "data_position"],
+)
 def test_exact_resume_has_teeth(references, sabotage):
     """Leaving any one piece of saved state out of the resume breaks the equality above."""
     root, config, weights = references
@@ -202,9 +207,15 @@ def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
     """SIGKILL at least 24 times, at random moments of a run whose time goes mostly into saving
     (a 46 MB checkpoint, 2 steps per epoch): last.pt always loads and is never older than before;
     some kills land mid-save, and their temp files are gone once the run starts again."""
-    config = write_config(tmp_path, {"model": {"hidden_sizes": [2048, 2048]}, "train": {"epochs": 10_000},
-                                     "data": {"synthetic": {"train_size": 64, "test_size": 32}},
-                                     "log": {"tensorboard": False, "progress": "none"}})
+    config = write_config(
+        tmp_path,
+        {
+            "model": {"hidden_sizes": [2048, 2048]},
+            "train": {"epochs": 10_000},
+            "data": {"synthetic": {"train_size": 64, "test_size": 32}},
+            "log": {"tensorboard": False, "progress": "none"},
+        },
+    )
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
     rng = random.Random(0)
     last_step, mid_save_kills, trials = -1, 0, 0
@@ -329,14 +340,26 @@ def test_own_checkpoints_load_under_forced_weights_only(cli, tmp_path):
     path = tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"
     import subprocess
 
-    code = ("import torch, torch.serialization as s; s.clear_safe_globals(); "
-            f"state = torch.load({str(path)!r}); print(sorted(state)[:3])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}, timeout=120)
+    code = (
+        "import torch, torch.serialization as s; s.clear_safe_globals(); "
+        f"state = torch.load({str(path)!r}); print(sorted(state)[:3])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     for verb in (["eval", path], ["predict", _png(tmp_path), "-c", path]):
-        done = subprocess.run([sys.executable, "-m", "trainkit", *map(str, verb)], capture_output=True,
-                              text=True, env={**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "trainkit", *map(str, verb)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"},
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
 
 

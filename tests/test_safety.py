@@ -35,8 +35,11 @@ def test_pickle_payload_never_runs(cli, tmp_path, verb):
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.pth"
     _evil_checkpoint(evil, marker)
-    args = {"eval": ["eval", evil], "predict": ["predict", "x.png", "-c", evil],
-            "resume": ["train", write_config(tmp_path), evil, "--resume"]}[verb]
+    args = {
+        "eval": ["eval", evil],
+        "predict": ["predict", "x.png", "-c", evil],
+        "resume": ["train", write_config(tmp_path), evil, "--resume"],
+    }[verb]
     result = cli(*args)
     assert result.exit_code == 1, result
     assert "Unsupported global" in result.stderr or "refused" in result.stderr, result
@@ -45,7 +48,9 @@ def test_pickle_payload_never_runs(cli, tmp_path, verb):
     assert not marker.exists()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # the archive is the hostile input
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)  # the archive is the hostile input
 def test_torchscript_archives_are_refused(tmp_path):
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
     path = tmp_path / "model.pt"

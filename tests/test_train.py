@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import load, write_config
 from PIL import Image
-
-from conftest import load, max_weight_difference, write_config
 
 
 def test_train_writes_a_complete_run(cli, tmp_path):
@@ -47,10 +46,16 @@ def test_optimizer_arguments_are_checked_before_anything_runs(cli, tmp_path):
 
 @pytest.fixture
 def trained(cli, tmp_path):
-    config = write_config(tmp_path, {"train": {"epochs": 4}, "model": {"name": "lenet", "hidden_sizes": None},
-                                     "sched": {"name": "onecycle"},
-                                     "data": {"batch_size": 64, "synthetic": {"train_size": 3000, "image_size": 32}},
-                                     "optim": {"name": "adamw", "lr": 0.003, "momentum": None}})
+    config = write_config(
+        tmp_path,
+        {
+            "train": {"epochs": 4},
+            "model": {"name": "lenet", "hidden_sizes": None},
+            "sched": {"name": "onecycle"},
+            "data": {"batch_size": 64, "synthetic": {"train_size": 3000, "image_size": 32}},
+            "optim": {"name": "adamw", "lr": 0.003, "momentum": None},
+        },
+    )
     text = config.read_text().replace("  hidden_sizes: null\n", "").replace("  momentum: null\n", "")
     config.write_text(text)
     result = cli("train", config)
@@ -65,8 +70,18 @@ def test_eval_json_and_table(cli, trained):
     assert metrics["num_samples"] == 128
     assert metrics["accuracy"] > 0.5, metrics  # learned something real in 4 short epochs
     assert 0 <= metrics["accuracy"] <= metrics["top5"] <= 1
-    assert set(metrics["per_class"]) == {"circle", "square", "ring", "diamond", "plus", "hbar", "vbar",
-                                         "triangle", "x", "frame"}
+    assert set(metrics["per_class"]) == {
+        "circle",
+        "square",
+        "ring",
+        "diamond",
+        "plus",
+        "hbar",
+        "vbar",
+        "triangle",
+        "x",
+        "frame",
+    }
     best = load(trained)
     assert metrics["accuracy"] == pytest.approx(best["metrics"]["val_accuracy"])
 
@@ -126,8 +141,12 @@ def test_bad_checkpoints_are_one_line(cli, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk" * 10)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    for name, words in [("empty.pt", "empty file"), ("junk.pt", "cannot load"),
-                        ("other.pt", "not a trainkit checkpoint"), ("missing.pt", "not found")]:
+    for name, words in [
+        ("empty.pt", "empty file"),
+        ("junk.pt", "cannot load"),
+        ("other.pt", "not a trainkit checkpoint"),
+        ("missing.pt", "not found"),
+    ]:
         for verb in (["eval"], ["predict", "x.png", "-c"]):
             result = cli(*verb, tmp_path / name)
             assert result.exit_code == 1, (name, result)
@@ -143,16 +162,20 @@ def test_missing_dataset_fails_with_one_line(cli, tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom trainkit.cli import main\nsys.argv=['trainkit','--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\nassert 'pydantic' not in sys.modules\n")
+    code = (
+        "import sys\nfrom trainkit.cli import main\nsys.argv=['trainkit','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nassert 'pydantic' not in sys.modules\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout and "predict" in out.stdout and "eval" in out.stdout
 
 
 def test_python_dash_m():
-    out = subprocess.run([sys.executable, "-m", "trainkit", "train", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainkit", "train", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "--resume" in out.stdout
 
 
@@ -163,8 +186,11 @@ def test_a_closed_pipe_is_not_an_error(trained, tmp_path):
     folder.mkdir()
     for i in range(1500):
         Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(folder / f"{i}.png")
-    process = subprocess.Popen([sys.executable, "-m", "trainkit", "predict", str(folder), "-c", str(trained)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainkit", "predict", str(folder), "-c", str(trained)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert process.stdout.readline().startswith(str(folder).encode())
     process.stdout.close()
     stderr = process.stderr.read().decode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -36,11 +35,11 @@ def _run(verb) -> None:
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
-        raise typer.Exit(141)  # 128 + SIGPIPE, as a shell pipeline reports it
+        raise typer.Exit(141) from None  # 128 + SIGPIPE, as a shell pipeline reports it
     except Exception as error:  # noqa: BLE001 - the CLI boundary
         if _debug():
             raise
@@ -54,7 +53,7 @@ def _run(verb) -> None:
         first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
         # a stop on request (checkpoint saved) is not an error
         print(first if hasattr(error, "signum") else f"error: {first}", file=sys.stderr)
-        raise typer.Exit(code)
+        raise typer.Exit(code) from error
     if code:
         raise typer.Exit(code)
 
@@ -77,12 +76,19 @@ def _options(
 
 @app.command()
 def train(
-    args: List[str] = typer.Argument(..., metavar="CONFIG [KEY=VALUE]... [CHECKPOINT]",
-                                     help="YAML config, then overrides such as optim.lr=0.01."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a run: from CHECKPOINT if given, "
-                                "else the run's newest checkpoints/last.pt."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1,
-                                        help="Start N DDP processes on this machine (torch.distributed.run)."),
+    args: list[str] = typer.Argument(
+        ...,
+        metavar="CONFIG [KEY=VALUE]... [CHECKPOINT]",
+        help="YAML config, then overrides such as optim.lr=0.01.",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue a run: from CHECKPOINT if given, else the run's newest checkpoints/last.pt.",
+    ),
+    nproc: int | None = typer.Option(
+        None, "--nproc", min=1, help="Start N DDP processes on this machine (torch.distributed.run)."
+    ),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
     config_path, overrides, others = _split_args(args)
@@ -110,8 +116,9 @@ def train(
 @app.command("eval")
 def evaluate(
     checkpoint: str = typer.Argument(..., help="A checkpoint file (e.g. runs/x/checkpoints/best.pt)."),
-    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
-                                                    help="Config overrides, e.g. data.root=/other/data."),
+    overrides: list[str] | None = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.root=/other/data."
+    ),
     split: str = typer.Option("test", "--split", help="test | val | train"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
@@ -131,9 +138,10 @@ def evaluate(
 
 @app.command()
 def predict(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
-    checkpoint: Optional[str] = typer.Option(None, "-c", "--checkpoint",
-                                             help="Checkpoint; default: the newest runs/**/checkpoints/best.pt."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or globs."),
+    checkpoint: str | None = typer.Option(
+        None, "-c", "--checkpoint", help="Checkpoint; default: the newest runs/**/checkpoints/best.pt."
+    ),
     topk: int = typer.Option(1, "--topk", "-k", min=1, help="Classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
@@ -150,8 +158,9 @@ def predict(
 
 @app.command()
 def config(
-    args: List[str] = typer.Argument(..., metavar="CONFIG [KEY=VALUE]...",
-                                     help="YAML config, then overrides."),
+    args: list[str] = typer.Argument(
+        ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
+    ),
 ) -> None:
     """Print the fully resolved config (defaults included) as YAML."""
     config_path, overrides, others = _split_args(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -95,12 +95,9 @@ class DataConfig(Section):
         None, description="convert images to 1 or 3 channels; null = the dataset's own"
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    normalization: Union[Literal["dataset", "imagenet", "half", "none"], NormalizationStats] = (
-        Field(
-            "dataset",
-            description="dataset (its mean/std) | imagenet | half (0.5/0.5) | none | "
-            "{mean: [...], std: [...]}",
-        )
+    normalization: Literal["dataset", "imagenet", "half", "none"] | NormalizationStats = Field(
+        "dataset",
+        description="dataset (its mean/std) | imagenet | half (0.5/0.5) | none | {mean: [...], std: [...]}",
     )
     cache: Literal["auto", "memory", "none"] = Field(
         "auto",
@@ -142,15 +139,13 @@ class SchedConfig(NamedSection):
         "none", description="none | step | multistep | cosine | onecycle | exponential | plateau"
     )
     warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length, epochs")
-    warmup_start_factor: float = Field(
-        0.01, gt=0, le=1, description="lr multiplier at the start of warmup"
-    )
+    warmup_start_factor: float = Field(0.01, gt=0, le=1, description="lr multiplier at the start of warmup")
 
 
 class TrainConfig(Section):
     epochs: PositiveInt = Field(10, description="number of passes over the training set")
     grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
-    device: Union[str, list[NonNegativeInt]] = Field(
+    device: str | list[NonNegativeInt] = Field(
         "auto", description="auto | cpu | mps | cuda | cuda:N | [0, 1] (DataParallel)"
     )
     parallel: Literal["auto", "none", "dp", "ddp"] = Field(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
-
 from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
 from trainkit.config import apply_overrides, config_from_dict
 from trainkit.errors import TrainkitError
@@ -14,8 +12,8 @@ from trainkit.runtime import pick_device
 
 
 def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "auto") -> dict[str, Any]:
-    from trainkit.data.pipeline import BatchTransform, make_source, use_memory
     from trainkit.data.datasets import build_splits
+    from trainkit.data.pipeline import BatchTransform, make_source, use_memory
     from trainkit.data.preprocess import Preprocess
     from trainkit.optim import build_loss
     from trainkit.trainer import evaluate
@@ -37,7 +35,9 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
         )
     part = splits.get(split)
     in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
-    source = make_source(part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers)
+    source = make_source(
+        part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers
+    )
     model = build_model_from_checkpoint(state, checkpoint).to(target)
     num_classes = int(state["model_spec"]["num_classes"])
     loss_fn = build_loss(config.loss, num_classes).to(target)

@@ -16,8 +16,21 @@ def launch_local(nproc: int, trainkit_args: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(
-        ["--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "--max_restarts", "0", "-m", "trainkit", *trainkit_args]
+        [
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "--max_restarts",
+            "0",
+            "-m",
+            "trainkit",
+            *trainkit_args,
+        ]
     )
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
@@ -34,7 +47,8 @@ def launch_local(nproc: int, trainkit_args: list[str]) -> int:
             return stopped[0]
         if hasattr(error, "get_first_failure"):
             rank, failure = error.get_first_failure()
-            raise TrainkitError(f"DDP rank {rank} failed first (exit {failure.exitcode}); "
-                                "its error is above") from None
+            raise TrainkitError(
+                f"DDP rank {rank} failed first (exit {failure.exitcode}); its error is above"
+            ) from None
         raise TrainkitError(f"a DDP process failed: {error}") from None
     return 0

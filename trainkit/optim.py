@@ -111,7 +111,9 @@ def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
         raise ConfigError("optim.name", unknown_choice("optimizer", section.name, registry))
     cls = registry[section.name]
     kwargs = section.kwargs
-    _check_kwargs("optim", section.name, kwargs, [p for p in inspect.signature(cls).parameters if p != "params"])
+    _check_kwargs(
+        "optim", section.name, kwargs, [p for p in inspect.signature(cls).parameters if p != "params"]
+    )
     lr = kwargs.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
         raise ConfigError("optim.lr", f"must be a number > 0 (got {lr!r})")
@@ -242,9 +244,7 @@ def build_scheduler(
         main = cls(optimizer, **kwargs) if cls is not None else None
         warmup = None
         if warmup_steps:
-            warmup = S.LinearLR(
-                optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps
-            )
+            warmup = S.LinearLR(optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps)
     except (TypeError, ValueError) as error:
         raise ConfigError("sched", f"cannot build {section.name}: {error}") from None
 
@@ -278,4 +278,3 @@ def _loss_check_classes(loss: LossConfig) -> int:
         if isinstance(value, list):
             return len(value)
     return 2
-

@@ -45,8 +45,9 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), errors  # a file named twice is predicted once
 
 
-def run_predict(inputs: list[str], checkpoint: str | None, topk: int, as_json: bool,
-                device: str = "auto") -> int:
+def run_predict(
+    inputs: list[str], checkpoint: str | None, topk: int, as_json: bool, device: str = "auto"
+) -> int:
     """Print one line per image; unreadable images get one error line. → exit code."""
     target = pick_device(device)
     path = Path(checkpoint) if checkpoint else find_default_checkpoint()

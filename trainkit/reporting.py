@@ -132,18 +132,32 @@ class Reporter:
             writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
         if self.writer is not None:
             step = row["global_step"]
-            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5", "images_per_s"):
+            for key in (
+                "train_loss",
+                "train_accuracy",
+                "val_loss",
+                "val_accuracy",
+                "val_top5",
+                "images_per_s",
+            ):
                 if row.get(key) is not None:
                     group = "train" if key.startswith("train") or key == "images_per_s" else "val"
-                    self.writer.add_scalar(f"{group}/{key.split('_', 1)[1] if key != 'images_per_s' else key}",
-                                           row[key], step)
+                    self.writer.add_scalar(
+                        f"{group}/{key.split('_', 1)[1] if key != 'images_per_s' else key}", row[key], step
+                    )
             self.writer.flush()
         if self.mode != "none":
-            parts = [f"epoch {row['epoch']}/{self.epochs}", f"train_loss {row['train_loss']:.4f}",
-                     f"train_acc {100 * row['train_accuracy']:.2f}%"]
+            parts = [
+                f"epoch {row['epoch']}/{self.epochs}",
+                f"train_loss {row['train_loss']:.4f}",
+                f"train_acc {100 * row['train_accuracy']:.2f}%",
+            ]
             if row.get("val_loss") is not None:
-                parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {100 * row['val_accuracy']:.2f}%",
-                          f"top5 {100 * row['val_top5']:.2f}%"]
+                parts += [
+                    f"val_loss {row['val_loss']:.4f}",
+                    f"val_acc {100 * row['val_accuracy']:.2f}%",
+                    f"top5 {100 * row['val_top5']:.2f}%",
+                ]
             parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
             say("  ".join(parts))
 

@@ -61,9 +61,7 @@ def _check_cuda(index: int | None) -> None:
     if not torch.cuda.is_available():
         raise ConfigError("train.device", "CUDA is not available on this machine (try auto or cpu)")
     if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(
-            "train.device", f"cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)"
-        )
+        raise ConfigError("train.device", f"cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)")
 
 
 def first_host(nodelist: str) -> str:
@@ -116,9 +114,7 @@ def resolve_placement(device: Any, parallel: str) -> Placement:
         return Placement(_auto_device(), "none")
     if device.startswith("cuda"):
         _check_cuda(int(device[5:]) if ":" in device else None)
-    if device == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("train.device", "MPS is not available on this machine")
     return Placement(torch.device(device), "none")
 
@@ -136,9 +132,7 @@ def _ddp_placement(device: Any, world: int) -> Placement:
         # Collectives that wait longer than this fail, so a rank lost on another node ends the
         # run instead of hanging it (on one node torchrun already stops the others at once).
         timeout = timedelta(seconds=float(os.environ.get("TRAINKIT_DIST_TIMEOUT", "60")))
-        torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=timeout
-        )
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return Placement(target, "ddp", None, rank, world, local_rank)
 
 

@@ -99,12 +99,15 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}")
         done_epochs, saved_epochs = int(resumed["epoch"]), int(resumed["config"]["train"]["epochs"])
         if config.train.epochs <= done_epochs and int(resumed["batch_in_epoch"]) == 0:
-            raise TrainkitError(f"{path}: the run already finished {done_epochs} epochs; "
-                                f"set train.epochs higher to train on")
+            raise TrainkitError(
+                f"{path}: the run already finished {done_epochs} epochs; set train.epochs higher to train on"
+            )
         rescheduled = saved_epochs != config.train.epochs
         if rescheduled and placement.is_main:
-            warn(f"train.epochs {saved_epochs} -> {config.train.epochs}: the lr schedule is rebuilt "
-                 f"for {config.train.epochs} epochs and continues from step {resumed['global_step']}")
+            warn(
+                f"train.epochs {saved_epochs} -> {config.train.epochs}: the lr schedule is rebuilt "
+                f"for {config.train.epochs} epochs and continues from step {resumed['global_step']}"
+            )
 
     seed_everything(config.run.seed)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
@@ -139,13 +142,36 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     if config.data.batch_size < world:
         raise ConfigError("data.batch_size", f"smaller than the number of processes ({world})")
     workers = config.data.num_workers
-    train_source = make_source(splits.train, bundle.in_memory, config.data.batch_size, config.run.seed,
-                               True, placement.device, workers, rank, world)
-    val_source = make_source(splits.val, bundle.in_memory, config.data.eval_batch_size, config.run.seed,
-                             False, placement.device, workers, rank, world)
+    train_source = make_source(
+        splits.train,
+        bundle.in_memory,
+        config.data.batch_size,
+        config.run.seed,
+        True,
+        placement.device,
+        workers,
+        rank,
+        world,
+    )
+    val_source = make_source(
+        splits.val,
+        bundle.in_memory,
+        config.data.eval_batch_size,
+        config.run.seed,
+        False,
+        placement.device,
+        workers,
+        rank,
+        world,
+    )
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
-    schedule = build_scheduler(config.sched, optimizer, steps_per_epoch, config.train.epochs,
-                               "min" if config.train.monitor == "val_loss" else "max")
+    schedule = build_scheduler(
+        config.sched,
+        optimizer,
+        steps_per_epoch,
+        config.train.epochs,
+        "min" if config.train.monitor == "val_loss" else "max",
+    )
     wrapped = wrap_model(model, placement)
     if config.train.compile:
         wrapped = torch.compile(wrapped)
@@ -156,18 +182,22 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         if placement.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     else:
-        run_dir = _shared_run_dir(placement, lambda: make_run_dir(config.run.out_dir, config.run.name) if placement.is_main else None)
+        run_dir = _shared_run_dir(
+            placement,
+            lambda: make_run_dir(config.run.out_dir, config.run.name) if placement.is_main else None,
+        )
     checkpoint_dir = run_dir / "checkpoints"
     if placement.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(checkpoint_dir)
         (run_dir / "config.yaml").write_text(dump_config(config))
         say(f"run directory: {run_dir}")
-        say(f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
+        say(
+            f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
             f"{splits.channels}x{splits.image_size}x{splits.image_size}, "
             f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}, ready in {data_seconds:.1f} s; "
-            f"device {placement.device}"
-            + (f" x{world} ({placement.parallel})" if world > 1 else ""))
+            f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
+        )
 
     reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)
     extras = {
@@ -197,13 +227,20 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     if resumed is not None:
         trainer.load_state(resumed, new_schedule_length=rescheduled)
         if placement.is_main:
-            say(f"resumed at epoch {trainer.state.epoch + 1}, batch {trainer.state.batch_in_epoch}, "
-                f"step {trainer.state.global_step}")
+            say(
+                f"resumed at epoch {trainer.state.epoch + 1}, batch {trainer.state.batch_in_epoch}, "
+                f"step {trainer.state.global_step}"
+            )
     state = trainer.fit()
     best = checkpoint_dir / "best.pt"
     if placement.is_main and state.best_metric is not None:
         value = state.best_metric
         shown = f"{100 * value:.2f}%" if config.train.monitor != "val_loss" else f"{value:.4f}"
         say(f"best checkpoint: {best} ({config.train.monitor} {shown} at epoch {state.best_epoch})")
-    return {"run_dir": str(run_dir), "best": str(best), "best_metric": state.best_metric,
-            "global_step": state.global_step, "pid": os.getpid()}
+    return {
+        "run_dir": str(run_dir),
+        "best": str(best),
+        "best_metric": state.best_metric,
+        "global_step": state.global_step,
+        "pid": os.getpid(),
+    }

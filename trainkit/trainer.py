@@ -11,10 +11,11 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,8 +90,15 @@ def evaluate(
         class_total += torch.bincount(labels, minlength=num_classes)
         class_correct += torch.bincount(labels[hit1], minlength=num_classes)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        packed = torch.cat([loss_sum.view(1), top1.view(1).double(), top5.view(1).double(),
-                            class_total.double(), class_correct.double()])
+        packed = torch.cat(
+            [
+                loss_sum.view(1),
+                top1.view(1).double(),
+                top5.view(1).double(),
+                class_total.double(),
+                class_correct.double(),
+            ]
+        )
         torch.distributed.all_reduce(packed)
         loss_sum, top1, top5 = packed[0], packed[1].long(), packed[2].long()
         class_total = packed[3 : 3 + num_classes].long()
@@ -162,7 +170,8 @@ class Trainer:
         if should_step:
             if self.cfg.on_nonfinite == "skip" and not self._gradients_finite():
                 self.optimizer.zero_grad(set_to_none=True)  # the whole window's gradients
-                warn(f"non-finite loss at epoch {self.state.epoch + 1} step {self.state.global_step + 1}; step skipped")
+                step = self.state.global_step + 1
+                warn(f"non-finite loss at epoch {self.state.epoch + 1} step {step}; step skipped")
                 return loss.detach(), logits.detach()
             if self.cfg.clip_grad_norm is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -201,8 +210,9 @@ class Trainer:
             window_sizes = self.sizes[window : min(window + k, total)]
             should_step = index == window + len(window_sizes) - 1
             first = index * self.train_source.batch_size  # this global batch's place in the epoch
-            positions = torch.arange(first + self.placement.rank, first + global_size,
-                                     self.placement.world, device=self.device)  # (b,) this rank's rows
+            positions = torch.arange(
+                first + self.placement.rank, first + global_size, self.placement.world, device=self.device
+            )  # (b,) this rank's rows
             loss, logits = self.train_step(images, labels, positions, sum(window_sizes), should_step)
 
             loss_sum += loss.double() * labels.shape[0]
@@ -210,7 +220,9 @@ class Trainer:
             seen += labels.shape[0]
             # Reading the loss syncs an accelerator, so there it is checked at log points only;
             # save_checkpoints() refuses non-finite weights whatever happens in between.
-            check = self.device.type == "cpu" or (should_step and self.state.global_step % self.reporter.log.every_n_steps == 0)
+            check = self.device.type == "cpu" or (
+                should_step and self.state.global_step % self.reporter.log.every_n_steps == 0
+            )
             if self.cfg.on_nonfinite == "stop" and check and not math.isfinite(float(loss)):
                 raise NonFiniteLoss(
                     f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {self.state.global_step}; "
@@ -223,14 +235,16 @@ class Trainer:
                 self.reporter.step(
                     index,
                     self.state.global_step,
-                    lambda: float(loss_sum) / max(seen, 1),
+                    lambda total=loss_sum, count=seen: float(total) / max(count, 1),
                     self.schedule.lr(),
                     seen * self.placement.world / max(elapsed, 1e-9),
                 )
                 if self._stop_agreed():  # marked point: save and leave on a signal
                     self._save_and_leave()
         seconds = time.perf_counter() - began
-        stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=self.device)])
+        stats = torch.stack(
+            [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=self.device)]
+        )
         if self.placement.parallel == "ddp":
             torch.distributed.all_reduce(stats)
         return {
@@ -254,7 +268,9 @@ class Trainer:
                 improved = False
                 if (epoch + 1) % self.cfg.eval_every == 0 or last_epoch:
                     metrics = self.run_evaluation()
-                    row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"], val_top5=metrics["top5"])
+                    row.update(
+                        val_loss=metrics["loss"], val_accuracy=metrics["accuracy"], val_top5=metrics["top5"]
+                    )
                     improved = self._update_best(metrics)
                 row.update(epoch=epoch + 1, global_step=self.state.global_step, lr=self.schedule.lr())
                 self.state.last_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -263,7 +279,8 @@ class Trainer:
                 if self._stop_agreed(force=True):
                     self._leave()
                 if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
-                    say(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.patience} evaluations")
+                    patience = self.cfg.patience
+                    say(f"early stopping: {self.cfg.monitor} did not improve for {patience} evaluations")
                     break
         finally:
             self._restore_signal_handlers(previous)
@@ -274,14 +291,23 @@ class Trainer:
         # Under DDP the plain module evaluates: each rank its own shard, no collective in the
         # forward (buffer broadcasts would hang when ranks have unequal numbers of batches).
         model = unwrap_model(self.model) if self.placement.parallel == "ddp" else self.model
-        metrics = evaluate(model, self.val_source, self.eval_transform, self.loss_fn,
-                           self.num_classes, self.cfg.precision)
-        metric = {"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_top5": metrics["top5"]}[self.cfg.monitor]
+        metrics = evaluate(
+            model, self.val_source, self.eval_transform, self.loss_fn, self.num_classes, self.cfg.precision
+        )
+        metric = {
+            "val_accuracy": metrics["accuracy"],
+            "val_loss": metrics["loss"],
+            "val_top5": metrics["top5"],
+        }[self.cfg.monitor]
         self.schedule.step_eval(metric)
         return metrics
 
     def _update_best(self, metrics: dict[str, Any]) -> bool:
-        value = {"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_top5": metrics["top5"]}[self.cfg.monitor]
+        value = {
+            "val_accuracy": metrics["accuracy"],
+            "val_loss": metrics["loss"],
+            "val_top5": metrics["top5"],
+        }[self.cfg.monitor]
         best = self.state.best_metric
         better = best is None or (value < best if self.monitor_mode == "min" else value > best)
         if better:
@@ -362,8 +388,10 @@ class Trainer:
     def _save_and_leave(self) -> None:
         self.save_checkpoints(improved=False)
         if self.placement.is_main and self.checkpoint_dir is not None:
-            say(f"saved {self.checkpoint_dir / 'last.pt'} at epoch {self.state.epoch + 1}, "
-                f"step {self.state.global_step}; continue with --resume")
+            say(
+                f"saved {self.checkpoint_dir / 'last.pt'} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.global_step}; continue with --resume"
+            )
         self._leave()
 
     def _leave(self) -> None:

@@ -79,9 +79,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
             in_channels = spec.pop("in_channels")
             spec.pop("input_size", None)
-            model = torchvision.models.get_model(
-                name[len(TORCHVISION_PREFIX) :], weights=None, **spec
-            )
+            model = torchvision.models.get_model(name[len(TORCHVISION_PREFIX) :], weights=None, **spec)
             if in_channels != 3:
                 model = nn.Sequential(_ToThreeChannels(in_channels), model)
             return model

@@ -79,9 +79,7 @@ class SmallAlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def build_alexnet(
-    num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5
-) -> nn.Module:
+def build_alexnet(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5) -> nn.Module:
     if input_size < SMALL_INPUT_LIMIT:
         return SmallAlexNet(num_classes, in_channels, dropout)
     return AlexNet(num_classes, in_channels, dropout)

@@ -20,9 +20,7 @@ class MLP(nn.Module):
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation '{activation}'; choices: {', '.join(sorted(ACTIVATIONS))}"
-            )
+            raise ValueError(f"unknown activation '{activation}'; choices: {', '.join(sorted(ACTIVATIONS))}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = [nn.Flatten()]
