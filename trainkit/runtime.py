@@ -154,6 +154,14 @@ def local_main_first(placement: Placement):
     torch.distributed.destroy_process_group(group)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before exit: left to the interpreter's exit, gloo's threads
+    can abort the process ("terminate called without an active exception") after a good run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
     if placement.parallel == "dp":
         return nn.DataParallel(model, device_ids=placement.device_ids)

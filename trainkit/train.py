@@ -85,7 +85,13 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     from trainkit.data.pipeline import BatchTransform, build_data, make_source
     from trainkit.models import build_model
     from trainkit.optim import build_loss, build_optimizer, build_scheduler
-    from trainkit.runtime import local_main_first, resolve_placement, seed_everything, wrap_model
+    from trainkit.runtime import (
+        local_main_first,
+        resolve_placement,
+        seed_everything,
+        shutdown_distributed,
+        wrap_model,
+    )
     from trainkit.trainer import Trainer
 
     check_config(config)
@@ -232,6 +238,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
                 f"step {trainer.state.global_step}"
             )
     state = trainer.fit()
+    shutdown_distributed()
     best = checkpoint_dir / "best.pt"
     if placement.is_main and state.best_metric is not None:
         value = state.best_metric
