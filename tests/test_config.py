@@ -114,7 +114,13 @@ def test_config_verb_prints_resolved_yaml(cli, tmp_path):
     result = cli("config", write_config(tmp_path), "optim.lr=0.2")
     assert result.exit_code == 0, result
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["optim"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9}
+    assert resolved["optim"] == {
+        "name": "sgd",
+        "lr": 0.2,
+        "momentum": 0.9,
+        "head_lr": None,
+        "no_decay_norm_and_bias": False,
+    }
     assert resolved["train"]["grad_accum_steps"] == 1  # defaults included
     assert set(resolved) == {"run", "data", "model", "loss", "optim", "sched", "train", "log"}
 

@@ -97,8 +97,28 @@ def _describe_unpickling_error(error: Exception) -> str:
     return f"corrupt, truncated or not a torch file ({detail})"
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and check a trainkit checkpoint; any problem is one TrainkitError line."""
+WHOLE_MODEL_HINT = (
+    "a whole pickled model (torch.save(model)), refused: unpickling it can run code; "
+    "re-save the weights with torch.save(model.state_dict(), PATH)"
+)
+
+
+def _pickles_a_module(path: Path) -> bool:
+    """Does the archive's pickle name torch.nn module classes (a whole saved model)? Only the
+    bytes are searched: nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("data.pkl") and archive.getinfo(name).file_size < 64_000_000:
+                    return b"torch.nn.modules" in archive.read(name)
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return False
+
+
+def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; a missing, empty, TorchScript, code-carrying or
+    corrupt file is one TrainkitError line."""
     path = Path(path)
     if not path.is_file():
         raise TrainkitError(f"checkpoint not found: {path}")
@@ -117,11 +137,22 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         # files before failing; the one-line error below says it all.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for hostile or broken files
+        if "global" in str(error).lower() and _pickles_a_module(path):
+            raise TrainkitError(f"{path}: {WHOLE_MODEL_HINT}") from None
         raise TrainkitError(f"{path}: cannot load checkpoint: {_describe_unpickling_error(error)}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and check a trainkit checkpoint; any problem is one TrainkitError line."""
+    path = Path(path)
+    state = load_torch_file(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state:
-        raise TrainkitError(f"{path}: not a trainkit checkpoint (no format_version)")
+        hint = ""
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            hint = "; a plain state dict: give the model, data and preprocessing with --config CONFIG.yaml"
+        raise TrainkitError(f"{path}: not a trainkit checkpoint (no format_version){hint}")
     version = state["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise TrainkitError(
@@ -137,10 +168,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return state
 
 
-def build_model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"):
+def build_model_from_checkpoint(
+    state: dict[str, Any], path: str | Path = "checkpoint", trust_code: bool = False
+):
     from trainkit.models import build_model
+    from trainkit.models.custom import is_code_reference, untrusted_message
 
-    model = build_model(dict(state["model_spec"]))
+    name = str(state["model_spec"].get("name", ""))
+    if is_code_reference(name) and not trust_code:  # before anything is imported
+        raise TrainkitError(f"{path}: the model {untrusted_message(name)}")
+    model = build_model(dict(state["model_spec"]), trust_code)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

@@ -89,6 +89,9 @@ def train(
     nproc: int | None = typer.Option(
         None, "--nproc", min=1, help="Start N DDP processes on this machine (torch.distributed.run)."
     ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
+    ),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
     config_path, overrides, others = _split_args(args)
@@ -105,10 +108,11 @@ def train(
             from trainkit.launch import launch_local
 
             forwarded = ["train", config_path, *overrides, *others, "train.parallel=ddp"]
-            return launch_local(nproc, forwarded + (["--resume"] if resume else []))
+            forwarded += ["--resume"] if resume else []
+            return launch_local(nproc, forwarded + (["--trust-code"] if trust_code else []))
         from trainkit.train import run_train
 
-        run_train(config, resume=resume, resume_path=others[0] if others else None)
+        run_train(config, resume=resume, resume_path=others[0] if others else None, trust_code=trust_code)
 
     _run(verb)
 
@@ -122,6 +126,14 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="test | val | train"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    config_path: str | None = typer.Option(
+        None,
+        "--config",
+        help="For a plain state dict (.pt/.pth/.safetensors): the model, data and preprocessing.",
+    ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
+    ),
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a checkpoint on a data split."""
     bad = [o for o in overrides or [] if "=" not in o]
@@ -131,7 +143,8 @@ def evaluate(
     def verb():
         from trainkit.evaluate import print_metrics, run_eval
 
-        print_metrics(run_eval(checkpoint, overrides or [], split, device), as_json)
+        metrics = run_eval(checkpoint, overrides or [], split, device, config_path, trust_code)
+        print_metrics(metrics, as_json)
 
     _run(verb)
 
@@ -145,13 +158,21 @@ def predict(
     topk: int = typer.Option(1, "--topk", "-k", min=1, help="Classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    config_path: str | None = typer.Option(
+        None,
+        "--config",
+        help="For a plain state dict (.pt/.pth/.safetensors): the model, data and preprocessing.",
+    ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
+    ),
 ) -> None:
     """Classify images: one line per image with label and probability."""
 
     def verb():
         from trainkit.predict import run_predict
 
-        return run_predict(inputs, checkpoint, topk, as_json, device)
+        return run_predict(inputs, checkpoint, topk, as_json, device, config_path, trust_code)
 
     _run(verb)
 
@@ -160,6 +181,9 @@ def predict(
 def config(
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
+    ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
     ),
 ) -> None:
     """Print the fully resolved config (defaults included) as YAML."""
@@ -172,7 +196,7 @@ def config(
         from trainkit.train import check_config
 
         resolved = load_config(config_path, overrides)
-        check_config(resolved)
+        check_config(resolved, trust_code)
         sys.stdout.write(dump_config(resolved))
 
     _run(verb)

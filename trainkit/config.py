@@ -56,6 +56,23 @@ class AugmentConfig(Section):
     hflip: bool = Field(False, description="random horizontal flip with probability 0.5")
     brightness: float = Field(0.0, ge=0, le=1, description="random brightness factor range ±x")
     contrast: float = Field(0.0, ge=0, le=1, description="random contrast factor range ±x")
+    random_resized_crop: bool = Field(
+        False, description="data.resize=crop only: a random area/aspect crop of the stored square, resized"
+    )
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="random_resized_crop: range of the crop's area fraction"
+    )
+    ratio: tuple[float, float] = Field(
+        (0.75, 4 / 3), description="random_resized_crop: range of the crop's aspect ratio (w/h)"
+    )
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _check_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError("expected [low, high] with 0 < low <= high")
+        return value
 
 
 class NormalizationStats(Section):
@@ -74,7 +91,7 @@ class SyntheticConfig(Section):
 class DataConfig(Section):
     name: str = Field(
         "synthetic",
-        description="synthetic | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder",
+        description="synthetic | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | csv",
     )
     root: str = Field("data", description="where the dataset files are (or are downloaded to)")
     download: bool = Field(False, description="download torchvision datasets when missing")
@@ -89,8 +106,21 @@ class DataConfig(Section):
         "no val/test split of its own (then 0.1)",
     )
     image_size: PositiveInt | None = Field(
-        None, description="resize to this square size; null = the dataset's own size"
+        None, description="the model's square input side; null = the dataset's own size"
     )
+    resize: Literal["squash", "crop", "letterbox"] = Field(
+        "squash",
+        description="squash = stretch to a square | crop = shorter side to resize_size, then a "
+        "centre crop of image_size | letterbox = longer side to image_size, padded to a square",
+    )
+    resize_size: PositiveInt | None = Field(
+        None, description="resize=crop: the shorter side before cropping; null = image_size / 0.875"
+    )
+    train_csv: str | None = Field(None, description="csv: the training list (header row, path and label)")
+    val_csv: str | None = Field(None, description="csv: the validation list (optional)")
+    test_csv: str | None = Field(None, description="csv: the test list (optional)")
+    path_column: str = Field("path", description="csv: the column with image paths (relative to the CSV)")
+    label_column: str = Field("label", description="csv: the column with class names")
     channels: Literal[1, 3] | None = Field(
         None, description="convert images to 1 or 3 channels; null = the dataset's own"
     )
@@ -121,6 +151,26 @@ class ModelConfig(NamedSection):
     num_classes: PositiveInt | None = Field(None, description="null = from the dataset")
     in_channels: PositiveInt | None = Field(None, description="null = from the data")
     input_size: PositiveInt | None = Field(None, description="null = from the data")
+    weights: str | None = Field(
+        None, description="torchvision.<name> only: DEFAULT or a weights name such as IMAGENET1K_V1"
+    )
+    init: str | None = Field(
+        None,
+        description="start from these weights: a trainkit checkpoint, a .pt/.pth state dict, .safetensors",
+    )
+    init_strict: bool = Field(
+        True, description="every tensor must match, except a classifier head of another size"
+    )
+    freeze: list[str] | Literal["backbone"] | None = Field(
+        None, description="backbone (all but the classifier head) or a list of parameter-name prefixes"
+    )
+
+    @field_validator("freeze")
+    @classmethod
+    def _check_freeze(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or not all(value)):
+            raise ValueError("expected 'backbone' or a non-empty list of parameter-name prefixes")
+        return value
 
 
 class LossConfig(NamedSection):
@@ -132,6 +182,12 @@ class LossConfig(NamedSection):
 
 class OptimConfig(NamedSection):
     name: str = Field("sgd", description="any torch.optim optimizer, lower case")
+    head_lr: PositiveFloat | None = Field(
+        None, description="learning rate of the classifier head; null = lr like the rest"
+    )
+    no_decay_norm_and_bias: bool = Field(
+        False, description="no weight decay on biases and normalisation weights (1-D parameters)"
+    )
 
 
 class SchedConfig(NamedSection):
@@ -144,6 +200,9 @@ class SchedConfig(NamedSection):
 
 class TrainConfig(Section):
     epochs: PositiveInt = Field(10, description="number of passes over the training set")
+    unfreeze_epoch: PositiveInt | None = Field(
+        None, description="model.freeze applies before this epoch (1-based); null = for the whole run"
+    )
     grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
     device: str | list[NonNegativeInt] = Field(
         "auto", description="auto | cpu | mps | cuda | cuda:N | [0, 1] (DataParallel)"

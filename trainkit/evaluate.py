@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from trainkit.checkpoint import build_model_from_checkpoint
 from trainkit.config import apply_overrides, config_from_dict
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
+from trainkit.weights import load_for_inference
 
 
-def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "auto") -> dict[str, Any]:
+def run_eval(
+    checkpoint: str,
+    overrides: list[str],
+    split: str,
+    device: str = "auto",
+    config_path: str | None = None,
+    trust_code: bool = False,
+) -> dict[str, Any]:
     from trainkit.data.datasets import build_splits
     from trainkit.data.pipeline import BatchTransform, make_source, use_memory
     from trainkit.data.preprocess import Preprocess
@@ -19,7 +27,7 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
     from trainkit.trainer import evaluate
 
     target = pick_device(device)
-    state = load_checkpoint(checkpoint, map_location=target)
+    state = load_for_inference(checkpoint, config_path, overrides, trust_code, target)
     config = config_from_dict(apply_overrides(state["config"], overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.
@@ -38,7 +46,7 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
     source = make_source(
         part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers
     )
-    model = build_model_from_checkpoint(state, checkpoint).to(target)
+    model = build_model_from_checkpoint(state, checkpoint, trust_code).to(target)
     num_classes = int(state["model_spec"]["num_classes"])
     loss_fn = build_loss(config.loss, num_classes).to(target)
     metrics = evaluate(model, source, BatchTransform(preprocess, None), loss_fn, num_classes)

@@ -127,6 +127,38 @@ def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
         raise ConfigError("optim", f"cannot build {section.name}: {error}") from None
 
 
+def parameter_groups(
+    model: nn.Module, head: list[str], head_lr: float | None, no_decay_norm_and_bias: bool
+) -> list[dict[str, Any]] | list[nn.Parameter]:
+    """The optimizer's parameter groups: the head at `head_lr`, and with
+    `no_decay_norm_and_bias` no weight decay on biases and normalisation weights (every 1-D
+    parameter: the timm / nanoGPT rule). Plain parameters when neither is asked for. The group
+    order is fixed (body, body without decay, head, head without decay), empty groups dropped,
+    so a resumed optimizer state lines up."""
+    if head_lr is None and not no_decay_norm_and_bias:
+        return list(model.parameters())
+    heads = set(head) if head_lr is not None else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (False, False): [],
+        (False, True): [],
+        (True, False): [],
+        (True, True): [],
+    }
+    for name, parameter in model.named_parameters():
+        no_decay = no_decay_norm_and_bias and parameter.ndim <= 1
+        groups[(name in heads, no_decay)].append(parameter)
+    result = []
+    for (is_head, no_decay), params in groups.items():
+        if params:
+            group: dict[str, Any] = {"params": params}
+            if is_head:
+                group["lr"] = head_lr
+            if no_decay:
+                group["weight_decay"] = 0.0
+            result.append(group)
+    return result
+
+
 # --------------------------------------------------------------------------- schedulers
 
 S = torch.optim.lr_scheduler

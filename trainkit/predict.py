@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from trainkit.checkpoint import build_model_from_checkpoint
 from trainkit.data.preprocess import Preprocess, decode_image, image_files
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
+from trainkit.weights import load_for_inference
 
 PREDICT_BATCH = 256
 
@@ -46,13 +47,19 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def run_predict(
-    inputs: list[str], checkpoint: str | None, topk: int, as_json: bool, device: str = "auto"
+    inputs: list[str],
+    checkpoint: str | None,
+    topk: int,
+    as_json: bool,
+    device: str = "auto",
+    config_path: str | None = None,
+    trust_code: bool = False,
 ) -> int:
     """Print one line per image; unreadable images get one error line. → exit code."""
     target = pick_device(device)
     path = Path(checkpoint) if checkpoint else find_default_checkpoint()
-    state = load_checkpoint(path, map_location=target)
-    model = build_model_from_checkpoint(state, path).to(target).eval()
+    state = load_for_inference(path, config_path, [], trust_code, target)
+    model = build_model_from_checkpoint(state, path, trust_code).to(target).eval()
     preprocess = Preprocess.from_dict(state["preprocess"])
     classes = list(state["classes"])
     k = max(1, min(topk, len(classes)))

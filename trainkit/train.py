@@ -16,19 +16,80 @@ from trainkit.checkpoint import FORMAT_VERSION, load_checkpoint, remove_stale_te
 from trainkit.config import Config, dump_config
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.reporting import Reporter, say, warn
+from trainkit.weights import apply_init, head_parameter_names
 
 
-def check_config(config: Config) -> None:
+def check_config(config: Config, trust_code: bool = False) -> None:
     """Every name and keyword argument checked against its registry; nothing is built."""
-    from trainkit.data.datasets import check_dataset_name
+    from trainkit.data.datasets import check_data_section
     from trainkit.models import check_model_name_and_kwargs
     from trainkit.optim import check_named_sections
 
-    check_dataset_name(config.data.name)
-    check_model_name_and_kwargs(config.model.name, config.model.kwargs)
+    check_data_section(config.data)
+    check_model_name_and_kwargs(config.model.name, config.model.kwargs, trust_code)
     check_named_sections(config.loss, config.optim, config.sched)
     if config.model.in_channels not in (None, 1, 3) and config.data.channels is None:
         raise ConfigError("model.in_channels", "images have 1 or 3 channels; set data.channels")
+    check_init_settings(config)
+
+
+def check_init_settings(config: Config) -> None:
+    """model.weights / model.init / model.freeze / train.unfreeze_epoch, before any data."""
+    from trainkit.weights import torchvision_weights
+
+    model = config.model
+    if model.weights is not None and model.init is not None:
+        raise ConfigError("model.init", "set model.weights or model.init, not both")
+    if model.weights is not None:
+        torchvision_weights(model.name, model.weights)
+    if model.init is not None and not Path(model.init).is_file():
+        raise ConfigError("model.init", f"file not found: {model.init}")
+    if config.train.unfreeze_epoch is not None and model.freeze is None:
+        raise ConfigError("train.unfreeze_epoch", "nothing to unfreeze: set model.freeze")
+
+
+def resolve_data_config(config: Config):
+    """The data section as the run uses it: sizes and channels from the model section when the
+    data leaves them unset, and with `model.weights` the weights' own preprocessing (mean/std,
+    resize, crop) for whatever the config does not set itself."""
+    from trainkit.config import NormalizationStats
+
+    data = config.data
+    update: dict[str, Any] = {
+        "image_size": data.image_size or config.model.input_size,
+        "channels": data.channels or config.model.in_channels,
+    }
+    if config.model.weights is not None:
+        from trainkit.weights import pretrained_preprocess, torchvision_weights
+
+        meta = pretrained_preprocess(torchvision_weights(config.model.name, config.model.weights))
+        explicit = data.model_fields_set
+        if "normalization" not in explicit:
+            update["normalization"] = NormalizationStats(mean=meta["mean"], std=meta["std"])
+        if "resize" not in explicit:
+            update["resize"] = "crop"
+        if update["image_size"] is None:
+            update["image_size"] = meta["crop_size"]
+            if data.resize_size is None:
+                update["resize_size"] = meta["resize_size"]
+    return data.model_copy(update=update)
+
+
+def model_spec(config: Config, splits) -> dict[str, Any]:
+    """What build_model needs (saved in checkpoints): the data fills in what the config leaves unset."""
+    from trainkit.models.custom import canonical_name, is_code_reference
+
+    name = config.model.name
+    spec = {
+        "name": canonical_name(name) if is_code_reference(name) else name,
+        "num_classes": config.model.num_classes or len(splits.classes),
+        "in_channels": splits.channels,
+        "input_size": splits.image_size,
+        **config.model.kwargs,
+    }
+    if spec["num_classes"] < len(splits.classes):
+        raise ConfigError("model.num_classes", f"the dataset has {len(splits.classes)} classes")
+    return spec
 
 
 def make_run_dir(out_dir: str, name: str) -> Path:
@@ -72,6 +133,21 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def model_line(config: Config, model, init_line: str | None, frozen: list[str]) -> str:
+    """`model: NAME, 11.7M parameters; weights …: loaded …; new head …; frozen …`"""
+    total = sum(p.numel() for p in model.parameters())
+    parts = [f"model: {config.model.name}, {total / 1e6:.2f}M parameters"]
+    parts.append(init_line or "new (seeded) weights")
+    if frozen:
+        count = sum(p.numel() for name, p in model.named_parameters() if name in set(frozen))
+        until = config.train.unfreeze_epoch
+        parts.append(
+            f"frozen: {len(frozen)} tensors ({count / 1e6:.2f}M)"
+            + (f" until epoch {until}" if until else " for the whole run")
+        )
+    return "; ".join(parts)
+
+
 def _shared_run_dir(placement, make) -> Path | None:
     """Rank 0 makes the run directory; every rank learns its path."""
     if placement.parallel != "ddp":
@@ -81,10 +157,13 @@ def _shared_run_dir(placement, make) -> Path | None:
     return Path(box[0])
 
 
-def run_train(config: Config, resume: bool = False, resume_path: str | None = None) -> dict[str, Any]:
+def run_train(
+    config: Config, resume: bool = False, resume_path: str | None = None, trust_code: bool = False
+) -> dict[str, Any]:
     from trainkit.data.pipeline import BatchTransform, build_data, make_source
+    from trainkit.finetune import FreezeSchedule, frozen_parameter_names
     from trainkit.models import build_model
-    from trainkit.optim import build_loss, build_optimizer, build_scheduler
+    from trainkit.optim import build_loss, build_optimizer, build_scheduler, parameter_groups
     from trainkit.runtime import (
         local_main_first,
         resolve_placement,
@@ -94,7 +173,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     )
     from trainkit.trainer import Trainer
 
-    check_config(config)
+    check_config(config, trust_code)
     placement = resolve_placement(config.train.device, config.train.parallel)
     resumed = None
     if resume:
@@ -117,32 +196,37 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
 
     seed_everything(config.run.seed)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
-    data_cfg = config.data.model_copy(
-        update={
-            "image_size": config.data.image_size or config.model.input_size,
-            "channels": config.data.channels or config.model.in_channels,
-        }
-    )
+    data_cfg = resolve_data_config(config)
     data_began = time.perf_counter()
     with local_main_first(placement):
         bundle = build_data(data_cfg, config.run.seed)
     data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
     splits = bundle.splits
-    spec = {
-        "name": config.model.name,
-        "num_classes": config.model.num_classes or len(splits.classes),
-        "in_channels": splits.channels,
-        "input_size": splits.image_size,
-        **config.model.kwargs,
-    }
-    if spec["num_classes"] < len(splits.classes):
-        raise ConfigError("model.num_classes", f"the dataset has {len(splits.classes)} classes")
+    spec = model_spec(config, splits)
     torch.manual_seed(config.run.seed)  # the same initial weights whatever data loading drew
-    model = build_model(spec).to(placement.device)
+    model = build_model(spec, trust_code)
+    with local_main_first(placement):  # one download of pretrained weights per node
+        init_line = apply_init(
+            model,
+            config.model.name,
+            config.model.weights,
+            config.model.init,
+            config.model.init_strict,
+            spec["num_classes"],
+        )
+    model = model.to(placement.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(config.loss, spec["num_classes"]).to(placement.device)
-    optimizer = build_optimizer(config.optim, model.parameters())
+    head = head_parameter_names(model, spec["num_classes"])
+    if config.optim.head_lr is not None and not head:
+        raise ConfigError("optim.head_lr", "no classifier head found in this model")
+    frozen = frozen_parameter_names(model, config.model.freeze, head)
+    groups = parameter_groups(model, head, config.optim.head_lr, config.optim.no_decay_norm_and_bias)
+    optimizer = build_optimizer(config.optim, groups)
+    # Frozen before wrapping: DDP fixes the set of parameters it synchronises when built.
+    freezer = FreezeSchedule(model, frozen, config.train.unfreeze_epoch)
+    freezer.at_epoch(int(resumed["epoch"]) if resumed is not None else 0)
 
     world, rank = placement.world, placement.rank
     if config.data.batch_size < world:
@@ -178,9 +262,12 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         config.train.epochs,
         "min" if config.train.monitor == "val_loss" else "max",
     )
-    wrapped = wrap_model(model, placement)
-    if config.train.compile:
-        wrapped = torch.compile(wrapped)
+
+    def wrap(module):
+        wrapped = wrap_model(module, placement)
+        return torch.compile(wrapped) if config.train.compile else wrapped
+
+    wrapped = wrap(model)
 
     if resumed is not None:
         run_dir = Path(resume_path).resolve().parent.parent if resume_path else None
@@ -204,6 +291,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}, ready in {data_seconds:.1f} s; "
             f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
         )
+        say(model_line(config, model, init_line, frozen))
 
     reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)
     extras = {
@@ -214,6 +302,12 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         "classes": list(splits.classes),
         "preprocess": bundle.preprocess.to_dict(),
     }
+
+    def unfreeze(trainer, epoch: int) -> None:
+        if freezer.at_epoch(epoch):
+            trainer.model = wrap(model)  # DDP again, now over every parameter
+            say(f"epoch {epoch + 1}: {len(frozen)} frozen parameter tensors now train (train.unfreeze_epoch)")
+
     trainer = Trainer(
         model=wrapped,
         loss_fn=loss_fn,
@@ -229,6 +323,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         reporter=reporter,
         checkpoint_dir=checkpoint_dir,
         checkpoint_extras=extras,
+        epoch_start_hooks=[unfreeze] if frozen else [],
     )
     if resumed is not None:
         trainer.load_state(resumed, new_schedule_length=rescheduled)

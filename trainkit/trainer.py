@@ -132,6 +132,7 @@ class Trainer:
         reporter: Reporter,
         checkpoint_dir: Path | None,
         checkpoint_extras: dict[str, Any],
+        epoch_start_hooks: list[Callable[[Trainer, int], None]] | None = None,
     ):
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_source, self.val_source = train_source, val_source
@@ -145,6 +146,7 @@ class Trainer:
         self.sizes = train_source.global_sizes()  # global batch sizes of an epoch
         self.stop_signal: int | None = None
         self.monitor_mode = "min" if train.monitor == "val_loss" else "max"
+        self.epoch_start_hooks = list(epoch_start_hooks or [])  # (trainer, 0-based epoch), e.g. unfreezing
 
     # ------------------------------------------------------------------ the step
 
@@ -262,6 +264,8 @@ class Trainer:
         try:
             while self.state.epoch < epochs:
                 epoch = self.state.epoch
+                for hook in self.epoch_start_hooks:  # marked point: epoch start
+                    hook(self, epoch)
                 row = self.train_one_epoch(epoch)
                 self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
                 last_epoch = epoch + 1 == epochs

@@ -225,6 +225,7 @@ class RawSplits:
     native_channels: int
     native_size: int
     kind: str  # "array" or "files"
+    cache_root: str | None = None  # where the decoded cache goes by default; None = data.root
 
 
 def _synthetic(data: DataConfig) -> RawSplits:
@@ -301,9 +302,20 @@ def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, lis
     return files, classes
 
 
-def _imagefolder(data: DataConfig) -> RawSplits:
+def _native_shape(files: FileList) -> tuple[int, int]:
+    """(channels, side) of a file list's images, from the first image's header."""
     from PIL import Image
 
+    try:
+        with Image.open(files.paths[0]) as first:
+            mode, (width, height) = first.mode, first.size
+    except OSError as error:
+        raise TrainkitError(f"{files.paths[0]}: cannot read image ({error})") from None
+    channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return channels, max(width, height)
+
+
+def _imagefolder(data: DataConfig) -> RawSplits:
     root = Path(data.root)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -311,13 +323,79 @@ def _imagefolder(data: DataConfig) -> RawSplits:
     train, classes = _scan_folder(train_dir, None)
     val = _scan_folder(root / "val", classes)[0] if (root / "val").is_dir() else None
     test = _scan_folder(root / "test", classes)[0] if (root / "test").is_dir() else None
+    channels, size = _native_shape(train)
+    return RawSplits(train, val, test, classes, channels, size, "files")
+
+
+MAX_CSV_BYTES = 1 << 30  # a list of a few million images; larger is refused, not read
+
+
+def _read_csv(data: DataConfig, key: str, classes: list[str] | None) -> tuple[FileList, list[str]]:
+    """A CSV list (header row; `path_column`, `label_column`) → files in row order and the class
+    list (sorted label strings, or the training classes for val/test). Paths are relative to
+    the CSV's folder. A missing image is an error, or with skip_bad_images a warning."""
+    import csv
+
+    from trainkit.reporting import warn
+
+    path = Path(getattr(data, key))
+    if not path.is_file():
+        raise TrainkitError(f"data.{key}: {path} not found")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise TrainkitError(f"data.{key}: {path} is larger than {MAX_CSV_BYTES >> 20} MiB")
+    columns = (data.path_column, data.label_column)
+    rows: list[tuple[int, Path, str]] = []
     try:
-        with Image.open(train.paths[0]) as first:
-            mode, (width, height) = first.mode, first.size
-    except OSError as error:
-        raise TrainkitError(f"{train.paths[0]}: cannot read image ({error})") from None
-    channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return RawSplits(train, val, test, classes, channels, max(width, height), "files")
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            for column in columns:
+                if column not in header:
+                    shown = ", ".join(repr(name) for name in header[:10])
+                    raise TrainkitError(
+                        f"{path}: no {column!r} column (header: {shown}); set data.path_column / "
+                        "data.label_column"
+                    )
+            for row in reader:
+                file, label = ((row.get(column) or "").strip() for column in columns)
+                if not file or not label:
+                    raise TrainkitError(f"{path}:{reader.line_num}: empty {columns[0 if not file else 1]!r}")
+                rows.append((reader.line_num, path.parent / file, label))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise TrainkitError(f"{path}: not a UTF-8 CSV file ({error})") from None
+    if not rows:
+        raise TrainkitError(f"{path}: no rows after the header")
+    classes = classes or sorted({label for _, _, label in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    files = FileList([], [], [])
+    missing = []
+    for line, file, label in rows:
+        if label not in index:
+            raise TrainkitError(f"{path}:{line}: label {label!r} is not one of the training classes")
+        try:
+            stat = file.stat()
+        except OSError:
+            missing.append(f"{path}:{line}: {file} not found")
+            continue
+        files.paths.append(str(file))
+        files.labels.append(index[label])
+        files.stamps.append((stat.st_size, stat.st_mtime_ns))
+    if missing and not data.skip_bad_images:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise TrainkitError(f"{missing[0]}{more}; set data.skip_bad_images=true to skip them")
+    for message in missing:
+        warn(f"skipped {message}")
+    if not files.paths:
+        raise TrainkitError(f"{path}: none of the listed images exists")
+    return files, classes
+
+
+def _csv(data: DataConfig) -> RawSplits:
+    train, classes = _read_csv(data, "train_csv", None)
+    val = _read_csv(data, "val_csv", classes)[0] if data.val_csv else None
+    test = _read_csv(data, "test_csv", classes)[0] if data.test_csv else None
+    channels, size = _native_shape(train)
+    return RawSplits(train, val, test, classes, channels, size, "files", str(Path(data.train_csv).parent))
 
 
 DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {
@@ -327,12 +405,25 @@ DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {
     "mnist": _torchvision("mnist"),
     "fashion_mnist": _torchvision("fashion_mnist"),
     "imagefolder": _imagefolder,
+    "csv": _csv,
 }
+CSV_KEYS = ("train_csv", "val_csv", "test_csv")
 
 
 def check_dataset_name(name: str) -> None:
     if name not in DATASETS:
         raise ConfigError("data.name", unknown_choice("dataset", name, DATASETS))
+
+
+def check_data_section(data: DataConfig) -> None:
+    """The dataset name, and the keys that belong to one dataset only."""
+    check_dataset_name(data.name)
+    if data.name == "csv" and not data.train_csv:
+        raise ConfigError("data.train_csv", "required with data.name=csv (a CSV file with path,label rows)")
+    if data.name != "csv":
+        for key in CSV_KEYS:
+            if getattr(data, key):
+                raise ConfigError(f"data.{key}", f"only for data.name=csv (data.name is {data.name})")
 
 
 def build_splits(data: DataConfig, seed: int) -> Splits:
@@ -347,7 +438,9 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
     else:
         from trainkit.data.cache import CacheSettings
 
-        settings = CacheSettings.from_config(data)
+        settings = CacheSettings.from_config(
+            data if raw.cache_root is None else data.model_copy(update={"root": raw.cache_root})
+        )
         make = lambda files: FileSplit(files, channels, size, settings)  # noqa: E731
 
     train = make(raw.train)

@@ -15,6 +15,7 @@ from torch import nn
 
 from trainkit.errors import ConfigError, unknown_choice
 from trainkit.models.alexnet import build_alexnet
+from trainkit.models.custom import accepted_arguments, import_model_class, is_code_reference
 from trainkit.models.lenet import LeNet
 from trainkit.models.mlp import MLP
 
@@ -35,11 +36,21 @@ def torchvision_model_names() -> list[str]:
 
 
 def model_names() -> list[str]:
-    return sorted(MODELS) + ["torchvision.<name>"]
+    return sorted(MODELS) + ["torchvision.<name>", "package.module:ClassName", "path/to/file.py:ClassName"]
 
 
-def check_model_name_and_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Raise ConfigError for an unknown model or keyword argument; build nothing."""
+def check_model_name_and_kwargs(name: str, kwargs: dict[str, Any], trust_code: bool = False) -> None:
+    """Raise ConfigError for an unknown model or keyword argument; build nothing. A model of
+    your own is imported (to read its signature) only when `trust_code`."""
+    if is_code_reference(name):
+        names, takes_any = accepted_arguments(import_model_class(name, trust_code))
+        valid = [p for p in names if p not in INFERRED]
+        for key in kwargs:
+            if key not in names and not takes_any:
+                raise ConfigError(
+                    f"model.{key}", f"not an argument of {name}; valid: {', '.join(valid) or 'none'}"
+                )
+        return
     if name.startswith(TORCHVISION_PREFIX):
         short = name[len(TORCHVISION_PREFIX) :]
         choices = torchvision_model_names()
@@ -68,12 +79,20 @@ class _ToThreeChannels(nn.Module):
         return x.expand(-1, 3, -1, -1) if self.mix is None else self.mix(x)
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
+def build_model(spec: dict[str, Any], trust_code: bool = False) -> nn.Module:
     """Build from a resolved spec: {name, num_classes, in_channels, input_size, **kwargs}."""
     spec = dict(spec)
     name = spec.pop("name")
-    check_model_name_and_kwargs(name, {k: v for k, v in spec.items() if k not in INFERRED})
+    check_model_name_and_kwargs(name, {k: v for k, v in spec.items() if k not in INFERRED}, trust_code)
     try:
+        if is_code_reference(name):
+            cls = import_model_class(name, trust_code)
+            names, _ = accepted_arguments(cls)
+            # num_classes / in_channels / input_size only when the constructor names them
+            model = cls(**{k: v for k, v in spec.items() if k not in INFERRED or k in names})
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{name}() returned a {type(model).__name__}, not an nn.Module")
+            return model
         if name.startswith(TORCHVISION_PREFIX):
             import torchvision.models
 

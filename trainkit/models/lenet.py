@@ -9,8 +9,17 @@ from torch import nn
 class LeNet(nn.Module):
     """conv5(6) → pool → conv5(16) → pool → fc120 → fc84 → fc(num_classes), ReLU between.
 
-    `width` multiplies the conv channels (1 = the tutorial's 6/16).
+    `width` multiplies the conv channels (1 = the tutorial's 6/16). A state dict saved from the
+    tutorial's own `Net` (conv1, conv2, fc1, fc2, fc3) loads through `state_dict_aliases`.
     """
+
+    state_dict_aliases = {
+        "conv1.": "features.0.",
+        "conv2.": "features.3.",
+        "fc1.": "classifier.1.",
+        "fc2.": "classifier.3.",
+        "fc3.": "classifier.5.",
+    }
 
     def __init__(self, num_classes: int, in_channels: int, input_size: int, width: int = 1):
         super().__init__()
