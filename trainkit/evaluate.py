@@ -32,7 +32,12 @@ def run_eval(
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.
     data_cfg = config.data.model_copy(
-        update={"channels": preprocess.channels, "image_size": preprocess.image_size}
+        update={
+            "channels": preprocess.channels,
+            "image_size": preprocess.image_size,
+            "resize": preprocess.resize,
+            "resize_size": preprocess.resize_size,
+        }
     )
     splits = build_splits(data_cfg, config.run.seed)
     classes = list(state["classes"])
@@ -42,7 +47,7 @@ def run_eval(
             f"({', '.join(classes[:5])}…)"
         )
     part = splits.get(split)
-    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
+    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.stored_size)
     source = make_source(
         part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers
     )

@@ -72,7 +72,10 @@ def run_predict(
         batch, kept = [], []
         for image_path in paths[start : start + PREDICT_BATCH]:
             try:
-                batch.append(decode_image(image_path, preprocess.channels, preprocess.image_size))
+                image = decode_image(
+                    image_path, preprocess.channels, preprocess.stored_size, preprocess.resize
+                )
+                batch.append(image)
                 kept.append(image_path)
             except TrainkitError as error:
                 print(f"error: {error}", file=sys.stderr)
@@ -80,7 +83,7 @@ def run_predict(
         if not batch:
             continue
         with torch.inference_mode():
-            logits = model(preprocess.normalize(torch.stack(batch).to(target)))  # (b, K)
+            logits = model(preprocess.prepare(torch.stack(batch).to(target)))  # (b, K)
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):

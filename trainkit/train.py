@@ -72,7 +72,10 @@ def resolve_data_config(config: Config):
             update["image_size"] = meta["crop_size"]
             if data.resize_size is None:
                 update["resize_size"] = meta["resize_size"]
-    return data.model_copy(update=update)
+    resolved = data.model_copy(update=update)
+    if resolved.augment.random_resized_crop and resolved.resize != "crop":
+        raise ConfigError("data.augment.random_resized_crop", "needs data.resize=crop")
+    return resolved
 
 
 def model_spec(config: Config, splits) -> dict[str, Any]:

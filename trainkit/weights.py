@@ -132,7 +132,7 @@ def load_matching(
     model: nn.Module, state: dict[str, torch.Tensor], head: list[str], strict: bool, source: str
 ) -> InitReport:
     """Load the tensors of `state` that match `model` by name and shape. Strict: anything else
-    is an error, except head tensors of another shape (another number of classes)."""
+    is an error, except head tensors for another number of classes (left at their new init)."""
     state = _translate(model, state)
     own = model.state_dict()
     report = InitReport(source)
@@ -141,7 +141,7 @@ def load_matching(
         if key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
-            if key in head:
+            if key in head and value.ndim and value.shape[0] != own[key].shape[0]:  # other classes
                 report.new_head.append(key)
             else:
                 report.mismatched.append(f"{key} {list(value.shape)} → {list(own[key].shape)}")

@@ -40,9 +40,12 @@ class CacheSettings:
         return cls(data.root, data.cache_dir, data.num_workers, data.skip_bad_images)
 
 
-def cache_key(paths: list[str], stamps: list[tuple[int, int]], channels: int, size: int) -> str:
-    """Digest of the format, target shape and every file's path, size and mtime (ns)."""
-    digest = hashlib.sha256(f"v{CACHE_FORMAT} c{channels} s{size}\n".encode())
+def cache_key(
+    paths: list[str], stamps: list[tuple[int, int]], channels: int, size: int, resize: str = "squash"
+) -> str:
+    """Digest of the format, target shape, resize mode and every file's path, size and mtime (ns)."""
+    mode = "" if resize == "squash" else f" r{resize}"  # squash keys as before resize modes
+    digest = hashlib.sha256(f"v{CACHE_FORMAT} c{channels} s{size}{mode}\n".encode())
     digest.update("".join(f"{path}\0{nbytes}\0{mtime}\n" for path, (nbytes, mtime) in zip(paths, stamps)).encode())
     return digest.hexdigest()[:24]
 
@@ -182,11 +185,11 @@ def check_images(
 
 def load_or_build_cache(
     items: Dataset, paths: list[str], stamps: list[tuple[int, int]], channels: int, size: int,
-    settings: CacheSettings,
+    settings: CacheSettings, resize: str = "squash",
 ) -> tuple[torch.Tensor, torch.Tensor | None, Stats]:
     """→ (images uint8 (N', C, H, W), kept indices or None when every image decoded, and the
     images' per-channel (mean, std), computed once here so later runs skip that pass)."""
-    key = cache_key(paths, stamps, channels, size)
+    key = cache_key(paths, stamps, channels, size, resize)
     directory = cache_directory(settings)
     path = directory / f"{key}.pt"
     if path.exists():

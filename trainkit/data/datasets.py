@@ -16,7 +16,15 @@ import torch
 from torch.utils.data import Dataset
 
 from trainkit.config import DataConfig
-from trainkit.data.preprocess import IMAGE_EXTENSIONS, compute_stats, decode_image, image_files, resize, to_channels
+from trainkit.data.preprocess import (
+    IMAGE_EXTENSIONS,
+    compute_stats,
+    decode_image,
+    fit_image,
+    image_files,
+    stored_side,
+    to_channels,
+)
 from trainkit.errors import ConfigError, TrainkitError, unknown_choice
 
 
@@ -50,24 +58,26 @@ class Split:
 
 
 class _ArrayItems(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int):
-        self.images, self.labels, self.channels, self.size = images, labels, channels, size
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int, mode: str):
+        self.images, self.labels, self.channels, self.size, self.mode = images, labels, channels, size, mode
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __getitem__(self, index: int):
-        image = resize(to_channels(self.images[index], self.channels), self.size)
+        image = fit_image(to_channels(self.images[index], self.channels), self.size, self.mode)
         return image.contiguous(), int(self.labels[index])
 
 
 class ArraySplit(Split):
     """Images already in memory (torchvision's arrays, synthetic), any channels and size."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int, mode: str = "squash"
+    ):
         self.images = images  # (N, C0, H0, W0) uint8, possibly a view
         self.labels = labels.to(torch.int64)
-        self.channels, self.size = channels, size
+        self.channels, self.size, self.mode = channels, size, mode
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.images.shape[1] == self.channels and self.images.shape[-1] == self.size:
@@ -75,11 +85,11 @@ class ArraySplit(Split):
         out = torch.empty(len(self), self.channels, self.size, self.size, dtype=torch.uint8)
         for start in range(0, len(self), 2048):
             chunk = self.images[start : start + 2048]
-            out[start : start + chunk.shape[0]] = resize(to_channels(chunk, self.channels), self.size)
+            out[start : start + chunk.shape[0]] = fit_image(to_channels(chunk, self.channels), self.size, self.mode)
         return out, self.labels
 
     def dataset(self) -> Dataset:
-        return _ArrayItems(self.images, self.labels, self.channels, self.size)
+        return _ArrayItems(self.images, self.labels, self.channels, self.size, self.mode)
 
 
 @dataclass
@@ -92,23 +102,24 @@ class FileList:
 
 
 class _FileItems(Dataset):
-    def __init__(self, paths: list[str], labels: torch.Tensor, channels: int, size: int):
-        self.paths, self.labels, self.channels, self.size = paths, labels, channels, size
+    def __init__(self, paths: list[str], labels: torch.Tensor, channels: int, size: int, mode: str):
+        self.paths, self.labels, self.channels, self.size, self.mode = paths, labels, channels, size, mode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return decode_image(self.paths[index], self.channels, self.size), int(self.labels[index])
+        image = decode_image(self.paths[index], self.channels, self.size, self.mode)
+        return image, int(self.labels[index])
 
 
 class FileSplit(Split):
     """Image files decoded with PIL; `tensors()` goes through the on-disk decoded cache."""
 
-    def __init__(self, files: FileList, channels: int, size: int, cache: Any):
+    def __init__(self, files: FileList, channels: int, size: int, cache: Any, mode: str = "squash"):
         self.paths, self.stamps = files.paths, files.stamps
         self.all_labels = torch.tensor(files.labels, dtype=torch.int64)
-        self.channels, self.size = channels, size
+        self.channels, self.size, self.mode = channels, size, mode
         self.cache = cache  # a trainkit.data.cache.CacheSettings
         self.kept: torch.Tensor | None = None  # indices that decoded, once some were skipped
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -136,18 +147,18 @@ class FileSplit(Split):
 
         if self._images is None:
             self._images, self.kept, self._stats = load_or_build_cache(
-                self._items(), self.paths, self.stamps, self.channels, self.size, self.cache
+                self._items(), self.paths, self.stamps, self.channels, self.size, self.cache, self.mode
             )
         return self._images, self.labels  # without the files skipped (data.skip_bad_images)
 
     def _items(self) -> Dataset:
-        return _FileItems(self.paths, self.all_labels, self.channels, self.size)
+        return _FileItems(self.paths, self.all_labels, self.channels, self.size, self.mode)
 
     def dataset(self) -> Dataset:
         if self.kept is None:
             return self._items()
         kept = self.kept.tolist()
-        return _FileItems([self.paths[i] for i in kept], self.labels, self.channels, self.size)
+        return _FileItems([self.paths[i] for i in kept], self.labels, self.channels, self.size, self.mode)
 
 
 class _SubsetItems(Dataset):
@@ -204,6 +215,7 @@ class Splits:
     channels: int  # after conversion (model input channels)
     image_size: int  # after resizing (model input side)
     native_channels: int
+    stored_size: int  # side of the decoded squares (larger than image_size for resize=crop)
 
     def get(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -432,16 +444,17 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
     raw = DATASETS[data.name](data)
     channels = data.channels or raw.native_channels
     size = data.image_size or raw.native_size
+    stored = stored_side(size, data.resize, data.resize_size)
 
     if raw.kind == "array":
-        make = lambda part: ArraySplit(part[0], part[1], channels, size)  # noqa: E731
+        make = lambda part: ArraySplit(part[0], part[1], channels, stored, data.resize)  # noqa: E731
     else:
         from trainkit.data.cache import CacheSettings
 
         settings = CacheSettings.from_config(
             data if raw.cache_root is None else data.model_copy(update={"root": raw.cache_root})
         )
-        make = lambda files: FileSplit(files, channels, size, settings)  # noqa: E731
+        make = lambda files: FileSplit(files, channels, stored, settings, data.resize)  # noqa: E731
 
     train = make(raw.train)
     val = make(raw.val) if raw.val else None
@@ -460,4 +473,4 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
         train = train.subset(order[held:].sort().values)
     val = val or test
     test = test or val
-    return Splits(train, val, test, raw.classes, channels, size, raw.native_channels)
+    return Splits(train, val, test, raw.classes, channels, size, raw.native_channels, stored)

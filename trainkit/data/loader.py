@@ -144,7 +144,7 @@ class BatchTransform:
     @property
     def active(self) -> bool:
         a = self.augment
-        return bool(a and (a.crop_padding or a.hflip or a.brightness or a.contrast))
+        return bool(a and (a.crop_padding or a.hflip or a.brightness or a.contrast or a.random_resized_crop))
 
     def start_epoch(self, epoch: int, size: int, device: torch.device) -> None:
         if not self.active:
@@ -160,14 +160,20 @@ class BatchTransform:
             params["brightness"] = 1 + (torch.rand(size, generator=g) * 2 - 1) * a.brightness
         if a.contrast:
             params["contrast"] = 1 + (torch.rand(size, generator=g) * 2 - 1) * a.contrast
+        if a.random_resized_crop:  # drawn last: the draws above stay as they were without it
+            params["boxes"] = random_crop_boxes(size, self.preprocess.stored_size, a.scale, a.ratio, g)
         self.params = {name: value.to(device) for name, value in params.items()}
 
     def __call__(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """images (b, C, H, W) uint8; positions (b,) of the rows in this epoch's order."""
+        """images (b, C, S, S) uint8; positions (b,) of the rows in this epoch's order."""
         if not self.active or positions is None:
-            return self.preprocess.normalize(images)
+            return self.preprocess.prepare(images)
         a, params = self.augment, self.params
         positions = positions.to(images.device)
+        if "boxes" in params:  # (b, C, image_size, image_size) float in 0..255
+            images = crop_resize(images, params["boxes"].index_select(0, positions), self.preprocess.image_size)
+        else:
+            images = self.preprocess.center_crop(images)
         if "offsets" in params:
             offsets = params["offsets"].index_select(0, positions).long()
             images = crop_and_flip(images, offsets, params["flips"].index_select(0, positions), a.crop_padding)
@@ -183,6 +189,39 @@ class BatchTransform:
         mean = torch.tensor(self.preprocess.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.preprocess.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+def random_crop_boxes(
+    count: int, side: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop draw, for `count` samples of a side x side square at once:
+    an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, ten tries each, the
+    first that fits wins (else the whole square), at a uniform position. → (count, 4) float
+    boxes (x1, y1, x2, y2) in pixels."""
+    tries = 10
+    area = side * side * torch.empty(count, tries).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(count, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).round()
+    height = torch.sqrt(area / aspect).round()
+    fits = (width > 0) & (width <= side) & (height > 0) & (height <= side)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((count,), -1))
+    rows = torch.arange(count)
+    w = torch.where(first >= 0, width[rows, first.clamp_min(0)], torch.full((count,), float(side)))
+    h = torch.where(first >= 0, height[rows, first.clamp_min(0)], torch.full((count,), float(side)))
+    x = torch.floor(torch.rand(count, generator=generator) * (side - w + 1))
+    y = torch.floor(torch.rand(count, generator=generator) * (side - h + 1))
+    return torch.stack([x, y, x + w, y + h], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's box, resized to size x size (bilinear, averaged over 2x2 samples per output
+    pixel): one batched roi_align. (b, C, S, S) uint8, (b, 4) boxes → (b, C, size, size) float."""
+    from torchvision.ops import roi_align
+
+    index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32).view(-1, 1)
+    rois = torch.cat([index, boxes.to(images.device, torch.float32)], dim=1)  # (b, 5)
+    return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
 def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> DataBundle:
     splits = build_splits(data, seed)
     parts = [splits.get(name) for name in dict.fromkeys(splits_needed)]
-    in_memory = use_memory(data, parts, splits.channels, splits.image_size)
+    in_memory = use_memory(data, parts, splits.channels, splits.stored_size)
     stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
     if stats is None:
         if in_memory:
@@ -52,7 +52,14 @@ def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> D
         else:
             stats = _sample_stats(splits.train)
         say(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)")
-    preprocess = Preprocess(splits.channels, splits.image_size, stats[0], stats[1])
+    preprocess = Preprocess(
+        splits.channels,
+        splits.image_size,
+        stats[0],
+        stats[1],
+        data.resize,
+        splits.stored_size if data.resize == "crop" else None,
+    )
     return DataBundle(splits, preprocess, in_memory)
 
 

@@ -60,26 +60,64 @@ def image_files(directory: str) -> list[tuple[str, int, int]]:
     return found
 
 
+RESIZE_MODES = ("squash", "crop", "letterbox")
+CROP_FRACTION = 0.875  # resize=crop without resize_size: 224 px crops of 256 px (the ImageNet rule)
+
+
+def stored_side(image_size: int, resize_mode: str, resize_size: int | None) -> int:
+    """Side of the square each image is decoded (and cached) to: the crop's source square for
+    resize=crop, the model's input side otherwise."""
+    if resize_mode != "crop":
+        return image_size
+    return max(image_size, resize_size or int(round(image_size / CROP_FRACTION)))
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How raw images become model inputs: channels, square size, per-channel mean/std."""
+    """How raw images become model inputs: channels, square size, per-channel mean/std, and the
+    resize mode. Files are decoded to `stored_size` squares (`fit_image`); `prepare` makes a
+    batch of those the model's input (the centre crop of resize=crop, then normalisation)."""
 
     channels: int
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: str = "squash"
+    resize_size: int | None = None  # resize=crop: the shorter side before the crop
+
+    @property
+    def stored_size(self) -> int:
+        return stored_side(self.image_size, self.resize, self.resize_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Preprocess:
+        resize = str(state.get("resize", "squash"))  # checkpoints before resize modes squashed
+        if resize not in RESIZE_MODES:
+            raise TrainkitError(f"unknown resize mode {resize!r} in the checkpoint")
+        resize_size = state.get("resize_size")
         return cls(
             channels=int(state["channels"]),
             image_size=int(state["image_size"]),
             mean=tuple(float(m) for m in state["mean"]),
             std=tuple(float(s) for s in state["std"]),
+            resize=resize,
+            resize_size=None if resize_size is None else int(resize_size),
         )
+
+    def center_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) stored squares → (B, C, image_size, image_size)."""
+        side, size = images.shape[-1], self.image_size
+        if side == size:
+            return images
+        start = (side - size) // 2
+        return images[..., start : start + size, start : start + size]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored uint8 squares (B, C, S, S) → the model's normalized float input (eval, predict)."""
+        return self.normalize(self.center_crop(images))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 → float32 with (x / 255 - mean) / std, in one fused pass."""
@@ -157,6 +195,35 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(images, [size, size], antialias=True)
 
 
+def fit_image(images: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+    """uint8 (..., C, H, W) → (..., C, size, size): squash = stretch; crop = shorter side to
+    `size` (longer side scaled and truncated, as torchvision's Resize), then the centre square;
+    letterbox = longer side to `size`, centred on black padding."""
+    if mode == "squash":
+        return resize(images, size)
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = images.shape[-2:]
+    if mode == "crop":
+        short, long = min(height, width), max(height, width)
+        new_long = max(size, int(size * long / short))
+        new = (size, new_long) if height <= width else (new_long, size)
+        if tuple(new) != (height, width):
+            images = TF.resize(images, list(new), antialias=True)
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        return images[..., top : top + size, left : left + size].contiguous()
+    if mode == "letterbox":
+        scale = size / max(height, width)
+        new = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+        if tuple(new) != (height, width):
+            images = TF.resize(images, list(new), antialias=True)
+        out = torch.zeros(*images.shape[:-2], size, size, dtype=images.dtype, device=images.device)
+        top, left = (size - new[0]) // 2, (size - new[1]) // 2
+        out[..., top : top + new[0], left : left + new[1]] = images
+        return out
+    raise TrainkitError(f"unknown resize mode {mode!r}; choices: {', '.join(RESIZE_MODES)}")
+
+
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -212,8 +279,9 @@ def open_image(path) -> Image.Image:
     return image
 
 
-def decode_image(path, channels: int, image_size: int | None) -> torch.Tensor:
-    """File → uint8 (C, H, W) with the given channels and size; one-line error when unreadable."""
+def decode_image(path, channels: int, image_size: int | None, mode: str = "squash") -> torch.Tensor:
+    """File → uint8 (C, H, W) with the given channels and size (resized by `mode`, see
+    fit_image); one-line error when unreadable."""
     try:
         with open_image(path) as image:
             image.seek(0)  # animated GIF/PNG/WebP: the first frame
@@ -226,4 +294,4 @@ def decode_image(path, channels: int, image_size: int | None) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
         reason = str(error).split("\n")[0] or type(error).__name__
         raise TrainkitError(f"{path}: cannot read image ({reason})") from None
-    return resize(tensor, image_size) if image_size else tensor
+    return fit_image(tensor, image_size, mode) if image_size else tensor
