@@ -184,7 +184,10 @@ def run_train(
         resumed = load_checkpoint(path, map_location="cpu")
         changed = [k for k in _differences(resumed["config"], config.to_dict()) if k != "train.epochs"]
         if changed:
-            warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}")
+            warn(
+                f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)} "
+                f"(to start a new run from its weights instead: model.init={path})"
+            )
         done_epochs, saved_epochs = int(resumed["epoch"]), int(resumed["config"]["train"]["epochs"])
         if config.train.epochs <= done_epochs and int(resumed["batch_in_epoch"]) == 0:
             raise TrainkitError(
