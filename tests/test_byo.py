@@ -19,7 +19,7 @@ from trainkit.data.preprocess import Preprocess, fit_image
 
 PRETRAINED_FILE = "mobilenet_v3_small-047dcff4.pth"  # torchvision's name for IMAGENET1K_V1
 PRETRAINED = {
-    "data": {"image_size": 16, "synthetic": {"train_size": 32, "test_size": 32}},
+    "data": {"image_size": 16, "batch_size": 16, "synthetic": {"train_size": 16, "test_size": 16}},
     "model": {"name": "torchvision.mobilenet_v3_small", "weights": "DEFAULT", "hidden_sizes": None},
     "train": {"epochs": 1},
     "log": {"tensorboard": False},
@@ -120,7 +120,7 @@ def test_init_from_a_checkpoint_a_prefixed_state_dict_and_safetensors(cli, tmp_p
     save_file(dict(source), str(tmp_path / "w.safetensors"))
     for index, path in enumerate([checkpoint, tmp_path / "ddp.pth", tmp_path / "w.safetensors"]):
         name = f"init{index}"
-        frozen = {"model": {"init": str(path), "freeze": ["net.1."]}, "run": {"name": name}}
+        frozen = {"model": {"init": str(path), "freeze": "net.1."}, "run": {"name": name}}  # one prefix
         result = cli("train", write_config(tmp_path, {**small, **frozen, "train": {"epochs": 1}}))
         assert result.exit_code == 0, result
         assert f"init {path.name}: loaded 4" in result.stdout
@@ -162,7 +162,8 @@ def test_init_strict_reports_missing_unexpected_and_mismatched(cli, tmp_path):
 
 # ----------------------------------------------------------------------------- §3 fine-tuning
 
-FINETUNE = {
+FINETUNE = {  # 4 steps per epoch
+    "data": {"batch_size": 16, "synthetic": {"train_size": 64, "test_size": 32}},
     "model": {"freeze": ["net.1."]},
     "optim": {"head_lr": 0.2, "no_decay_norm_and_bias": True, "weight_decay": 0.01},
     "train": {"epochs": 3, "unfreeze_epoch": 2},
@@ -189,7 +190,7 @@ def test_freeze_holds_until_unfreeze_and_groups_get_their_settings(cli, tmp_path
     assert shapes == [(None, None, 1), (None, 0.0, 1), (0.2, None, 1), (0.2, 0.0, 1)]
 
 
-@pytest.mark.parametrize("step", [4, 12])  # frozen when stopped, then unfrozen; stopped after the unfreeze
+@pytest.mark.parametrize("step", [2, 6])  # frozen when stopped, then unfrozen; stopped after the unfreeze
 def test_resume_is_exact_across_an_unfreeze(tmp_path, step):
     from test_resume import in_child, signal_at
 
@@ -436,7 +437,7 @@ def test_the_tutorial_state_dict_evaluates_in_trainkit(cli, tmp_path):
     net = Net()
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    for epoch in range(2):  # the tutorial's loop, batch 4
+    for epoch in range(1):  # the tutorial's loop (one epoch of its two), batch 4
         for i in range(0, 200, 4):
             inputs, labels = train_x[i : i + 4], train_y[i : i + 4]
             optimizer.zero_grad()

@@ -161,13 +161,15 @@ class ModelConfig(NamedSection):
     init_strict: bool = Field(
         True, description="every tensor must match, except a classifier head of another size"
     )
-    freeze: list[str] | Literal["backbone"] | None = Field(
-        None, description="backbone (all but the classifier head) or a list of parameter-name prefixes"
+    freeze: list[str] | str | None = Field(
+        None, description="backbone (all but the classifier head) or parameter-name prefixes (a list or one)"
     )
 
     @field_validator("freeze")
     @classmethod
     def _check_freeze(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "backbone":
+            value = [value]  # one prefix
         if isinstance(value, list) and (not value or not all(value)):
             raise ValueError("expected 'backbone' or a non-empty list of parameter-name prefixes")
         return value
