@@ -151,7 +151,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(state, dict) or "format_version" not in state:
         hint = ""
         if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-            hint = "; a plain state dict: give the model, data and preprocessing with --config CONFIG.yaml"
+            hint = (
+                "; a plain state dict: eval and predict take it with --config CONFIG.yaml (model, data, "
+                "preprocessing), train starts from it with model.init"
+            )
         raise TrainkitError(f"{path}: not a trainkit checkpoint (no format_version){hint}")
     version = state["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:

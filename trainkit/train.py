@@ -64,6 +64,8 @@ def resolve_data_config(config: Config):
 
         meta = pretrained_preprocess(torchvision_weights(config.model.name, config.model.weights))
         explicit = data.model_fields_set
+        if update["channels"] is None:
+            update["channels"] = 3  # pretrained on RGB: grayscale images are given as RGB
         if "normalization" not in explicit:
             update["normalization"] = NormalizationStats(mean=meta["mean"], std=meta["std"])
         if "resize" not in explicit:
