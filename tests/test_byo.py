@@ -274,6 +274,8 @@ def test_own_model_class_is_imported_only_with_permission(cli, tmp_path):
     assert "frozen: 2 tensors" in trained.stdout  # the head found in a model of your own
     state = load(tmp_path / "runs" / "tiny" / "checkpoints" / "best.pt")
     assert state["model_spec"]["name"] == f"{tmp_path / 'mynet.py'}:TinyNet"  # found from anywhere
+    as_module = cli("train", config, "--trust-code", "model.name=mynet:TinyNet", "run.name=module")
+    assert as_module.exit_code == 0, as_module  # a module of the working directory
 
     # a checkpoint naming another module: nothing of it runs without --trust-code
     state["model_spec"]["name"] = f"{tmp_path / 'evil.py'}:TinyNet"
