@@ -7,8 +7,6 @@ they get no gradient, and torch's optimizers skip a parameter without one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from trainkit.errors import ConfigError
@@ -46,16 +44,11 @@ def set_trainable(model: nn.Module, names: list[str], trainable: bool) -> None:
 class FreezeSchedule:
     """Frozen until `unfreeze_epoch` (1-based; None = the whole run). `at_epoch(epoch)` sets
     the state for a 0-based epoch from scratch, so a resumed run is in the same state as an
-    uninterrupted one; `rewrap` rebuilds a DDP wrapper, which fixes its parameter set when built."""
+    uninterrupted one. When it changes, a DDP wrapper must be rebuilt by the caller: DDP fixes
+    the set of parameters it synchronises when it is built."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        names: list[str],
-        unfreeze_epoch: int | None,
-        rewrap: Callable[[], None] | None = None,
-    ):
-        self.model, self.names, self.unfreeze_epoch, self.rewrap = model, names, unfreeze_epoch, rewrap
+    def __init__(self, model: nn.Module, names: list[str], unfreeze_epoch: int | None):
+        self.model, self.names, self.unfreeze_epoch = model, names, unfreeze_epoch
         self.frozen: bool | None = None
 
     def frozen_at(self, epoch: int) -> bool:
@@ -69,6 +62,4 @@ class FreezeSchedule:
         changed = self.frozen is not None
         set_trainable(self.model, self.names, not frozen)
         self.frozen = frozen
-        if changed and self.rewrap is not None:
-            self.rewrap()
         return changed

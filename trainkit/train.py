@@ -213,15 +213,17 @@ def run_train(
     spec = model_spec(config, splits)
     torch.manual_seed(config.run.seed)  # the same initial weights whatever data loading drew
     model = build_model(spec, trust_code)
-    with local_main_first(placement):  # one download of pretrained weights per node
-        init_line = apply_init(
-            model,
-            config.model.name,
-            config.model.weights,
-            config.model.init,
-            config.model.init_strict,
-            spec["num_classes"],
-        )
+    init_line = "weights from the checkpoint being resumed"
+    if resumed is None:
+        with local_main_first(placement):  # one download of pretrained weights per node
+            init_line = apply_init(
+                model,
+                config.model.name,
+                config.model.weights,
+                config.model.init,
+                config.model.init_strict,
+                spec["num_classes"],
+            )
     model = model.to(placement.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -129,7 +129,12 @@ def _translate(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def load_matching(
-    model: nn.Module, state: dict[str, torch.Tensor], head: list[str], strict: bool, source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    head: list[str],
+    strict: bool,
+    source: str,
+    relaxable: bool = True,
 ) -> InitReport:
     """Load the tensors of `state` that match `model` by name and shape. Strict: anything else
     is an error, except head tensors for another number of classes (left at their new init)."""
@@ -151,9 +156,9 @@ def load_matching(
     # BatchNorm's step counter is absent from old files (torchvision's own) and unused in training
     report.missing = [key for key in own if key not in state and not key.endswith("num_batches_tracked")]
     if strict and (report.missing or report.unexpected or report.mismatched):
+        hint = f"; set model.init_strict=false to load the {len(report.loaded)} tensors that fit"
         raise TrainkitError(
-            f"{source} does not fit the model: {report.describe()}; "
-            f"set model.init_strict=false to load the {len(report.loaded)} tensors that fit"
+            f"{source} does not fit the model: {report.describe()}" + (hint if relaxable else "")
         )
     if not report.loaded:
         raise TrainkitError(f"{source}: no tensor fits the model ({report.describe()})")
@@ -247,7 +252,7 @@ def apply_init(
             raise TrainkitError(f"model.weights: {error}; delete it to download again") from None
         head = head_parameter_names(target, num_classes)
         try:
-            report = load_matching(target, state, head, True, f"{path}")
+            report = load_matching(target, state, head, True, f"{path}", relaxable=False)
         except TrainkitError as error:
             raise TrainkitError(f"model.weights: {error} (delete it to download again)") from None
         what = f"weights {type(member).__name__}.{member.name}"
