@@ -26,14 +26,30 @@ def _debug() -> bool:
     return os.environ.get("TRAINKIT_DEBUG", "") not in ("", "0", "false")
 
 
-def _run(verb) -> None:
+def _owns_process(ctx: typer.Context) -> bool:
+    """Is this the `trainkit` process itself (main()), rather than a CLI call inside another
+    program (a test runner)? Only the owner handles SIGINT/SIGTERM and turns Ctrl-C into exit
+    130; inside another program they stay that program's."""
+    return isinstance(ctx.obj, dict) and bool(ctx.obj.get("owns_process"))
+
+
+def _started(ctx: typer.Context) -> float | None:
+    """When main() started (a time.perf_counter() value), if it did."""
+    return ctx.obj.get("started") if isinstance(ctx.obj, dict) else None
+
+
+def _run(verb, ctx: typer.Context) -> None:
     """Call a verb; a non-zero int it returns, and known failures (as one line), become the
     exit code."""
+    from trainkit.errors import Interrupted
+
     try:
         code = verb()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
+        if not _owns_process(ctx):
+            raise
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
@@ -46,13 +62,13 @@ def _run(verb) -> None:
         from trainkit.errors import TrainkitError
 
         code = getattr(error, "exit_code", 1)
-        if isinstance(error, TrainkitError) or hasattr(error, "signum"):
+        if isinstance(error, (TrainkitError, Interrupted)):
             message = str(error)
         else:
             message = f"{type(error).__name__}: {error}"
         first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
         # a stop on request (checkpoint saved) is not an error
-        print(first if hasattr(error, "signum") else f"error: {first}", file=sys.stderr)
+        print(first if isinstance(error, Interrupted) else f"error: {first}", file=sys.stderr)
         raise typer.Exit(code) from error
     if code:
         raise typer.Exit(code)
@@ -76,6 +92,7 @@ def _options(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     args: list[str] = typer.Argument(
         ...,
         metavar="CONFIG [KEY=VALUE]... [CHECKPOINT]",
@@ -108,13 +125,20 @@ def train(
             return launch_local(nproc, forwarded + (["--resume"] if resume else []))
         from trainkit.train import run_train
 
-        run_train(config, resume=resume, resume_path=others[0] if others else None)
+        run_train(
+            config,
+            resume=resume,
+            resume_path=others[0] if others else None,
+            started=_started(ctx),
+            handle_signals=_owns_process(ctx),
+        )
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="A checkpoint file (e.g. runs/x/checkpoints/best.pt)."),
     overrides: list[str] | None = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.root=/other/data."
@@ -133,11 +157,12 @@ def evaluate(
 
         print_metrics(run_eval(checkpoint, overrides or [], split, device), as_json)
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders or globs."),
     checkpoint: str | None = typer.Option(
         None, "-c", "--checkpoint", help="Checkpoint; default: the newest runs/**/checkpoints/best.pt."
@@ -153,11 +178,12 @@ def predict(
 
         return run_predict(inputs, checkpoint, topk, as_json, device)
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command()
 def config(
+    ctx: typer.Context,
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
     ),
@@ -175,7 +201,7 @@ def config(
         check_config(resolved)
         sys.stdout.write(dump_config(resolved))
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 def _usage(message: str) -> None:
@@ -184,7 +210,9 @@ def _usage(message: str) -> None:
 
 
 def main() -> None:
-    app()
+    import time
+
+    app(obj={"owns_process": True, "started": time.perf_counter()})
 
 
 if __name__ == "__main__":
