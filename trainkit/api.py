@@ -55,7 +55,7 @@ def resolve_config(config: str | Path | Mapping[str, Any] | Config, overrides: O
 
 
 def train(
-    config: str | Path | Mapping[str, Any] | Config,
+    config: str | Path | Mapping[str, Any] | Config | None,
     overrides: Overrides = None,
     callbacks: Iterable[Callback] = (),
     *,
@@ -65,15 +65,17 @@ def train(
     """Train as `trainkit train` does; → where the run is and how it ended.
 
     `callbacks` get the engine's events (trainkit.callbacks.Callback). `resume=True` continues
-    the newest run of the config's name, a path continues that run directory or checkpoint.
+    the newest run of the config's name, a path continues that run directory or checkpoint; a
+    resume may pass config=None (the checkpoint's config, with `overrides`).
     With `handle_signals` (main thread only) a Ctrl-C saves last.pt at the next step boundary
     and raises trainkit.errors.Interrupted.
     """
     from trainkit.train import run_train
 
-    resolved = resolve_config(config, overrides)
+    resolved = resolve_config(config, overrides) if config is not None else None  # None: resume's
     summary = run_train(
         resolved,
+        overrides=_override_list(overrides),
         resume=resume is not False,
         resume_path=None if isinstance(resume, bool) else str(resume),
         callbacks=list(callbacks),

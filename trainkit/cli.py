@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -90,45 +91,61 @@ def _options(
         os.environ["TRAINKIT_DEBUG"] = "1"
 
 
+def _train_words(words: list[str], resume: bool) -> tuple[str | None, str | None]:
+    """train's words that are not overrides → (CONFIG, RUN_DIR or CHECKPOINT to resume)."""
+    if not resume:
+        if not words:
+            _usage("missing CONFIG (a YAML file)")
+        if len(words) > 1:
+            _usage(f"unexpected argument '{words[1]}' (overrides are key=value)")
+        return words[0], None
+    configs = [w for w in words if Path(w).suffix.lower() in (".yaml", ".yml")]
+    targets = [w for w in words if w not in configs]
+    if len(configs) > 1 or len(targets) > 1:
+        _usage("--resume takes at most one CONFIG (.yaml) and one RUN_DIR or CHECKPOINT")
+    return (configs or [None])[0], (targets or [None])[0]
+
+
 @app.command()
 def train(
     ctx: typer.Context,
-    args: list[str] = typer.Argument(
-        ...,
-        metavar="CONFIG [KEY=VALUE]... [CHECKPOINT]",
-        help="YAML config, then overrides such as optim.lr=0.01.",
+    args: list[str] | None = typer.Argument(
+        None,
+        metavar="[CONFIG] [KEY=VALUE]... [RUN_DIR | CHECKPOINT]",
+        help="YAML config (optional with --resume), then overrides such as optim.lr=0.01.",
     ),
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue a run: from CHECKPOINT if given, else the run's newest checkpoints/last.pt.",
+        help="Continue a run: RUN_DIR or CHECKPOINT if given, else the newest run named run.name. "
+        "The config comes from the checkpoint; only train.epochs, data location/cache/workers, "
+        "device/parallel, log.* and data.eval_batch_size may change.",
     ),
     nproc: int | None = typer.Option(
         None, "--nproc", min=1, help="Start N DDP processes on this machine (torch.distributed.run)."
     ),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
-    config_path, overrides, others = _split_args(args)
-    if others and not resume:
-        _usage(f"unexpected argument '{others[0]}' (overrides are key=value)")
-    if len(others) > 1:
-        _usage("give at most one checkpoint to --resume")
+    overrides = [a for a in args or [] if "=" in a]
+    words = [a for a in args or [] if "=" not in a]
+    config_path, target = _train_words(words, resume)
 
     def verb():
         from trainkit.config import load_config
 
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides) if config_path else None
         if nproc:
             from trainkit.launch import launch_local
 
-            forwarded = ["train", config_path, *overrides, *others, "train.parallel=ddp"]
+            forwarded = ["train", *words, *overrides, "train.parallel=ddp"]
             return launch_local(nproc, forwarded + (["--resume"] if resume else []))
         from trainkit.train import run_train
 
         run_train(
             config,
+            overrides=overrides,
             resume=resume,
-            resume_path=others[0] if others else None,
+            resume_path=target,
             started=_started(ctx),
             handle_signals=_owns_process(ctx),
         )

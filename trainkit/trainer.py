@@ -391,6 +391,11 @@ class Trainer:
         self.callback_states = dict(state.get("callbacks") or {})  # given to the callbacks at fit()
         set_rng_state(state["rng"])
 
+    def forget_best(self) -> None:
+        """Start the best-metric bookkeeping afresh (a new run seeded from another's state)."""
+        self.state.best_metric, self.state.best_epoch, self.state.bad_evals = None, None, 0
+        self.callback_states.pop("checkpoint_writer", None)
+
     # ------------------------------------------------------------------ signals
 
     def _stop_agreed(self, force: bool = False) -> bool:
