@@ -392,7 +392,7 @@ def test_crop_mode_with_random_resized_crop_trains_and_matches_at_eval(cli, tmp_
     assert (preprocess["resize"], preprocess["resize_size"], preprocess["image_size"]) == ("crop", 20, 16)
     predicted = cli("predict", tmp_path / "images" / "img0.png", "-c", best, "--json")
     assert predicted.exit_code == 0, predicted
-    from trainkit.data.loader import random_crop_boxes
+    from trainkit.data.augment import random_crop_boxes
 
     boxes = random_crop_boxes(1000, 20, (0.5, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(0))
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]

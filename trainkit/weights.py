@@ -300,11 +300,12 @@ def checkpoint_from_weights_file(path: Path, config, trust_code: bool) -> dict[s
     from trainkit.checkpoint import FORMAT_VERSION
     from trainkit.data.pipeline import build_data
     from trainkit.models import build_model
+    from trainkit.reporting import Console
     from trainkit.train import check_config, model_spec, resolve_data_config
 
     check_config(config, trust_code)
     state = read_state_file(path)
-    bundle = build_data(resolve_data_config(config), config.run.seed, splits_needed=("train",))
+    bundle = build_data(resolve_data_config(config), config.run.seed, Console(), splits_needed=("train",))
     spec = model_spec(config, bundle.splits)
     torch.manual_seed(config.run.seed)
     model = build_model(spec, trust_code)
