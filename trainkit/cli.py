@@ -157,6 +157,47 @@ def predict(
 
 
 @app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="A checkpoint file (e.g. runs/x/checkpoints/best.pt)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | torchscript | safetensors | trainkit"),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output file; default: next to the checkpoint (best.onnx, ...)."
+    ),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset version (default 20; 18 and up)."),
+    with_preprocess: bool = typer.Option(
+        False, "--with-preprocess", help="Bake normalisation in: the model takes uint8 N×C×H×W images."
+    ),
+    images: list[str] | None = typer.Option(
+        None, "--images", help="Images for the parity check (default: the checkpoint's validation data)."
+    ),
+    num_images: int | None = typer.Option(
+        None, "--num-images", "-n", help="Images in the parity check (default 64)."
+    ),
+    tolerance: float | None = typer.Option(
+        None, "--tolerance", help="Max abs logit difference allowed (default 1e-4)."
+    ),
+) -> None:
+    """Export a checkpoint, load the file back with its own runtime and check it gives the same
+    logits as the original (exit 1 above --tolerance, the file kept)."""
+
+    def verb():
+        from trainkit.export import report, run_export
+
+        given = {"opset": opset, "num_images": num_images, "tolerance": tolerance}
+        result = run_export(
+            checkpoint,
+            fmt,
+            output,
+            with_preprocess=with_preprocess,
+            image_paths=images,
+            **{key: value for key, value in given.items() if value is not None},
+        )
+        return report(result, fmt, checkpoint)
+
+    _run(verb)
+
+
+@app.command()
 def config(
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."

@@ -45,16 +45,28 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), errors  # a file named twice is predicted once
 
 
+def load_classifier(path: Path, device: str = "auto"):
+    """A checkpoint (run by torch on `device`) or an exported .onnx (run by onnxruntime on the
+    CPU, with the preprocessing and classes stored in the file)."""
+    from trainkit.export import file_kind, onnx_classifier, torch_classifier
+
+    if file_kind(path) == "onnx":
+        if device not in ("auto", "cpu"):
+            raise TrainkitError(f"{path}: ONNX models run on the CPU here; drop --device {device}")
+        return onnx_classifier(path)
+    target = pick_device(device)
+    state = load_checkpoint(path, map_location=target)
+    model = build_model_from_checkpoint(state, path).to(target).eval()
+    return torch_classifier(model, Preprocess.from_dict(state["preprocess"]), list(state["classes"]))
+
+
 def run_predict(
     inputs: list[str], checkpoint: str | None, topk: int, as_json: bool, device: str = "auto"
 ) -> int:
     """Print one line per image; unreadable images get one error line. → exit code."""
-    target = pick_device(device)
     path = Path(checkpoint) if checkpoint else find_default_checkpoint()
-    state = load_checkpoint(path, map_location=target)
-    model = build_model_from_checkpoint(state, path).to(target).eval()
-    preprocess = Preprocess.from_dict(state["preprocess"])
-    classes = list(state["classes"])
+    classifier = load_classifier(path, device)
+    preprocess, classes = classifier.preprocess, classifier.classes
     k = max(1, min(topk, len(classes)))
 
     paths, errors = expand_inputs(inputs)
@@ -73,7 +85,7 @@ def run_predict(
         if not batch:
             continue
         with torch.inference_mode():
-            logits = model(preprocess.normalize(torch.stack(batch).to(target)))  # (b, K)
+            logits = classifier(torch.stack(batch))  # (b, K)
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
