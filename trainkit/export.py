@@ -9,6 +9,7 @@ imported only where needed, so the other formats and the rest of trainkit work w
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -159,9 +160,10 @@ class WithPreprocess(nn.Module):
         return self.model(torch.addcmul(-self.shift, images.float(), self.scale))
 
 
-def model_to_export(state: dict[str, Any], path: str | Path, with_preprocess: bool) -> nn.Module:
-    """The eval-mode model that goes into the file (CPU, fp32)."""
-    model = build_model_from_checkpoint(state, path).float().eval()
+def model_to_export(original: nn.Module, state: dict[str, Any], with_preprocess: bool) -> nn.Module:
+    """The eval-mode model that goes into the file (CPU, fp32): a copy of the original, which
+    stays untouched as the parity check's reference."""
+    model = copy.deepcopy(original).float().eval()
     if with_preprocess:
         model = WithPreprocess(model, Preprocess.from_dict(state["preprocess"])).eval()
     return model
@@ -595,10 +597,9 @@ def run_export(
     input_dtype = "uint8" if with_preprocess else "float32"
     meta = export_metadata(state, input_dtype)
     preprocess = Preprocess.from_dict(state["preprocess"])
-    reference = torch_classifier(
-        build_model_from_checkpoint(state, source_path).float().eval(), preprocess, meta["classes"]
-    )
-    model = model_to_export(state, source_path, with_preprocess)
+    original = build_model_from_checkpoint(state, source_path).float().eval()
+    reference = torch_classifier(original, preprocess, meta["classes"])
+    model = model_to_export(original, state, with_preprocess)
     if fmt == "onnx":
         write_bytes(path, _onnx_bytes(model, _example_input(preprocess, 2, input_dtype), meta, opset))
     elif fmt == "torchscript":

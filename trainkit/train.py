@@ -100,6 +100,8 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     if resume:
         path = Path(resume_path) if resume_path else find_last_checkpoint(config.run.out_dir, config.run.name)
         resumed = load_checkpoint(path, map_location="cpu")
+        if "optimizer" not in resumed:  # a slim export keeps the weights, not the training state
+            raise TrainkitError(f"{path}: a slim checkpoint (no optimizer state); resume from last.pt")
         changed = [k for k in _differences(resumed["config"], config.to_dict()) if k != "train.epochs"]
         if changed:
             warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}")
