@@ -121,7 +121,7 @@ def test_onnx_with_preprocess_takes_uint8_and_opset_is_configurable(trained, exp
     assert bad.exit_code == 2 and "--opset" in bad.stderr
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "trainkit"])
 def test_a_perturbed_export_fails_parity_and_is_kept(trained, tmp_path, monkeypatch, fmt):
     import trainkit.export as export
 
@@ -140,6 +140,28 @@ def test_a_perturbed_export_fails_parity_and_is_kept(trained, tmp_path, monkeypa
     assert "parity check failed" in result.stderr and str(out) in result.stderr
     assert result.stderr.count("\n") == 1
     assert out.is_file()  # kept for inspection
+
+
+def test_a_tampered_onnx_file_fails_parity(trained, exported, tmp_path):
+    from onnx import numpy_helper
+
+    from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from trainkit.data.preprocess import Preprocess
+    from trainkit.export import check_parity, torch_classifier
+
+    proto = onnx.load(str(exported("mlp_gray", "onnx")[1]))
+    weight = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = numpy_helper.to_array(weight) + np.float32(1e-3)
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    tampered.write_bytes(proto.SerializeToString())
+    state = load_checkpoint(trained["mlp_gray"])
+    reference = torch_classifier(
+        build_model_from_checkpoint(state).eval(), Preprocess.from_dict(state["preprocess"]), state["classes"]
+    )
+    result = check_parity(state, reference, "onnx", tampered, num_images=8)
+    assert not result.passed and result.max_abs_diff > 1e-3
+    assert check_parity(state, reference, "onnx", exported("mlp_gray", "onnx")[1], num_images=8).passed
 
 
 def test_predict_from_onnx_equals_the_checkpoint(trained, exported, tmp_path):

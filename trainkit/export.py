@@ -615,6 +615,19 @@ def run_export(
         torch.save(_slim_state(state, model), buffer)
         write_bytes(path, buffer.getvalue())
 
+    return check_parity(state, reference, fmt, path, image_paths, num_images, tolerance)
+
+
+def check_parity(
+    state: dict[str, Any],
+    reference: Classifier,
+    fmt: str,
+    path: Path,
+    image_paths: list[str] | None = None,
+    num_images: int = DEFAULT_PARITY_IMAGES,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Load the exported file back with its own runtime and compare it with the reference."""
     images, source = parity_images(state, image_paths, num_images)
     worst, agree = compare(reference, load_exported(fmt, path), images)
     return ExportResult(path, path.stat().st_size, worst, agree, images.shape[0], source, tolerance)
