@@ -119,7 +119,7 @@ def main() -> None:
                     record.update(median=median, p90=p90)
                 record["throughput"] = max(record.get("throughput", 0.0), throughput)
 
-    spec = f"{args.checkpoint or args.model} at {args.image_size}x{args.image_size}"
+    spec = f"{args.checkpoint or args.model} at {shape[1]}x{shape[2]}"
     print(f"\n{spec}, CPU, {args.threads} threads, torch {torch.__version__}, best of {args.rounds} rounds\n")
     print(
         "| runtime | file MB | latency, 1 image (ms, median / p90) "

@@ -217,6 +217,9 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, Any], o
             )
     except ImportError as error:
         raise TrainkitError(f"the ONNX exporter needs newer packages ({error}); {EXTRA_HINT}") from error
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types; one line for the user
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        raise TrainkitError(f"ONNX export failed: {type(error).__name__}: {first}") from error
     proto = program.model_proto
     proto.producer_name = "trainkit"
     del proto.metadata_props[:]
@@ -283,7 +286,7 @@ def read_safetensors_bundle(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         raise _fail(str(sidecar), "sidecar too large")
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise _fail(str(sidecar), f"not JSON ({type(error).__name__})") from None
     meta = check_metadata(meta, str(sidecar))
     try:
@@ -344,7 +347,7 @@ def read_onnx_model(path: str | Path) -> tuple[bytes, dict[str, Any]]:
         props[entry.key] = entry.value
     try:
         raw = {key: json.loads(props[key]) for key in onnx_metadata_props_keys() if key in props}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _fail(str(path), "metadata is not JSON") from None
     if "trainkit_export" not in raw:
         raise _fail(str(path), "no trainkit metadata in the ONNX file (export it with `trainkit export`)")
@@ -447,7 +450,11 @@ def load_exported(fmt: str, path: Path) -> Classifier:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        meta = check_metadata(json.loads(extra["trainkit.json"]), str(path))
+        try:
+            raw = json.loads(extra["trainkit.json"])
+        except ValueError:
+            raise _fail(str(path), "no trainkit metadata in the TorchScript archive") from None
+        meta = check_metadata(raw, str(path))
         preprocess = Preprocess.from_dict(meta["preprocess"])
         return torch_classifier(module.eval(), preprocess, meta["classes"], meta["input_dtype"] == "uint8")
     if fmt == "safetensors":
