@@ -250,8 +250,9 @@ def test_output_through_a_symlink_or_over_the_checkpoint_is_refused(trained, tmp
     assert same.exit_code == 1 and "is the checkpoint being exported" in same.stderr
 
 
-def test_missing_runtime_names_the_extra(trained, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime", "onnxscript"])
+def test_missing_runtime_names_the_extra(trained, tmp_path, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
     result = invoke("export", trained["lenet"], "-f", "onnx", "-o", tmp_path / "m.onnx")
     assert result.exit_code == 1
     assert "pip install 'trainkit[export]'" in result.stderr and result.stderr.count("\n") == 1
@@ -289,6 +290,8 @@ def test_slim_checkpoint_evaluates_the_same_and_refuses_resume(trained, tmp_path
 def test_unknown_format_lists_the_choices(trained, tmp_path):
     result = invoke("export", trained["lenet"], "-f", "onx")
     assert result.exit_code == 2 and "did you mean 'onnx'" in result.stderr
+    result = invoke("export", trained["lenet"], "-f", "safetensors", "--opset", "18")
+    assert result.exit_code == 2 and "--opset: applies to onnx only" in result.stderr
 
 
 def test_generated_images_when_the_data_is_gone(trained, tmp_path):

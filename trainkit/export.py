@@ -567,39 +567,40 @@ def run_export(
     checkpoint: str,
     fmt: str,
     output: str | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     with_preprocess: bool = False,
     image_paths: list[str] | None = None,
     num_images: int = DEFAULT_PARITY_IMAGES,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportResult:
-    """Write the export, load it back, compare; a failed comparison raises after printing."""
+    """Write the export, load it back and compare it with the checkpoint's model."""
     if fmt not in FORMATS:
         from trainkit.errors import unknown_choice
 
         raise ConfigError("--format", unknown_choice("format", fmt, FORMATS))
     if with_preprocess and fmt not in ("onnx", "torchscript"):
         raise ConfigError("--with-preprocess", "applies to onnx and torchscript only")
+    if opset is not None and fmt != "onnx":
+        raise ConfigError("--opset", "applies to onnx only")
     if fmt == "onnx":
+        require_export_extra("onnx", "onnxscript", "onnxruntime")
         import onnx
 
+        opset = DEFAULT_OPSET if opset is None else opset
         if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
             raise ConfigError("--opset", f"must be {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     if not 1 <= num_images <= MAX_PARITY_IMAGES:
         raise ConfigError("--num-images", f"must be 1..{MAX_PARITY_IMAGES}")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ConfigError("--tolerance", "must be a finite number >= 0")
-    if fmt == "onnx":
-        require_export_extra("onnx", "onnxscript", "onnxruntime")
 
     source_path = Path(checkpoint)
     state = load_checkpoint(source_path)
     path = Path(output) if output else default_output(source_path, fmt)
-    if path.resolve() == source_path.resolve():
-        raise TrainkitError(f"{path}: is the checkpoint being exported; choose another -o")
-    check_output_path(path)
-    if fmt == "safetensors":
-        check_output_path(sidecar_path(path))
+    for written in [path, sidecar_path(path)] if fmt == "safetensors" else [path]:
+        if written.resolve() == source_path.resolve():
+            raise TrainkitError(f"{written}: is the checkpoint being exported; choose another -o")
+        check_output_path(written)
 
     input_dtype = "uint8" if with_preprocess else "float32"
     meta = export_metadata(state, input_dtype)
