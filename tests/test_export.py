@@ -300,5 +300,8 @@ def test_generated_images_when_the_data_is_gone(trained, tmp_path):
     images, source = parity_images(state, None, 8)
     assert images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8
     assert source == "8 generated images (the checkpoint's data was not found)"
+    state["config"]["data"].update(name="cifar10", root=str(tmp_path / "cifar"), download=True)
+    assert "generated" in parity_images(state, None, 8)[1]
+    assert not (tmp_path / "cifar").exists()  # a checkpoint's config never starts a download
     found, source = parity_images(torch.load(trained["lenet"], weights_only=True), None, 8)
     assert "validation data" in source and not torch.equal(found, images)

@@ -499,14 +499,20 @@ def _validation_images(state, preprocess: Preprocess, count: int) -> tuple[torch
     from trainkit.config import config_from_dict
     from trainkit.data.datasets import build_splits
 
+    if not state.get("config"):
+        return None
     try:
         config = config_from_dict(state["config"], "checkpoint config")
+        # never a download: the parity check reads what is on disk or falls back
         data_cfg = config.data.model_copy(
-            update={"channels": preprocess.channels, "image_size": preprocess.image_size}
+            update={"channels": preprocess.channels, "image_size": preprocess.image_size, "download": False}
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            split = build_splits(data_cfg, config.run.seed).val
+            splits = build_splits(data_cfg, config.run.seed)
+        if list(splits.classes) != list(state["classes"]):
+            return None  # not the data this model was trained on
+        split = splits.val
         items = split.dataset()
         total = len(items)
         if total == 0:
