@@ -168,7 +168,10 @@ def export(
         False, "--with-preprocess", help="Bake normalisation in: the model takes uint8 N×C×H×W images."
     ),
     images: list[str] | None = typer.Option(
-        None, "--images", help="Images for the parity check (default: the checkpoint's validation data)."
+        None,
+        "--images",
+        help="Image file, folder or glob for the parity check (repeatable; default: the checkpoint's "
+        "validation data).",
     ),
     num_images: int | None = typer.Option(
         None, "--num-images", "-n", help="Images in the parity check (default 64)."
