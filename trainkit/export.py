@@ -199,6 +199,10 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, Any], opset: int) -> bytes:
     require_export_extra("onnx", "onnxscript")
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+        raise TrainkitError(
+            f"ONNX export needs torch >= 2.6 (its dynamo exporter); this is {torch.__version__}"
+        )
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         with warnings.catch_warnings():
