@@ -229,6 +229,14 @@ def test_hostile_onnx_metadata_is_refused(exported, tmp_path, changes, message):
     assert result.exit_code == 1 and message.split("(")[0][:20] in result.stderr
 
 
+def test_onnx_with_external_data_is_refused(exported, tmp_path):
+    proto = onnx.load(str(exported("mlp_gray", "onnx")[1]))
+    outside = tmp_path / "model.onnx"
+    onnx.save_model(proto, str(outside), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    with pytest.raises(TrainkitError, match="external data"):
+        read_onnx_model(outside)
+
+
 def test_broken_onnx_files_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x07garbage" * 10)

@@ -342,7 +342,9 @@ def read_onnx_model(path: str | Path) -> tuple[bytes, dict[str, Any]]:
     except (DecodeError, ValueError, RuntimeError) as error:
         raise _fail(str(path), f"not an ONNX model ({type(error).__name__})") from None
     graph = proto.graph
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+    from onnx.external_data_helper import _get_all_tensors  # initializers, attributes, subgraphs
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(proto)):
         raise _fail(str(path), "refers to external data files; refused")
     props = {}
     for entry in proto.metadata_props:
