@@ -119,11 +119,20 @@ def evaluate(
     overrides: list[str] | None = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.root=/other/data."
     ),
-    split: str = typer.Option("test", "--split", help="test | val | train"),
+    split: str | None = typer.Option(
+        None, "--split", help="test | val | train; default: test, or val when the data has no test split"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    save: str | None = typer.Option(
+        None,
+        "--save",
+        metavar="DIR",
+        help="Write eval.json, confusion_matrix.csv/.png, per_class.csv, mistakes.csv/.png into DIR.",
+    ),
 ) -> None:
-    """Loss, top-1, top-5 and per-class accuracy of a checkpoint on a data split."""
+    """Loss, accuracy, confusion matrix, per-class precision/recall/F1 and the most confident
+    mistakes of a checkpoint on a data split."""
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         _usage(f"unexpected argument '{bad[0]}' (overrides are key=value)")
@@ -131,7 +140,7 @@ def evaluate(
     def verb():
         from trainkit.evaluate import print_metrics, run_eval
 
-        print_metrics(run_eval(checkpoint, overrides or [], split, device), as_json)
+        print_metrics(run_eval(checkpoint, overrides or [], split, device, save), as_json)
 
     _run(verb)
 

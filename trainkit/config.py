@@ -192,6 +192,7 @@ class LogConfig(Section):
         "auto", description="auto = rich bars on a terminal, plain lines otherwise"
     )
     every_n_steps: PositiveInt = Field(50, description="train-loss logging cadence, steps")
+    graph: bool = Field(False, description="write the model graph to TensorBoard (traces the model once)")
 
 
 class Config(Section):

@@ -31,12 +31,56 @@ METRIC_COLUMNS = [
 def say(message: str) -> None:
     if is_main_process():
         print(message, flush=True)
+        console_log.write(message)
 
 
 def note(message: str) -> None:
     """A side remark (e.g. decoding progress) on stderr, leaving stdout to results."""
     if is_main_process():
         print(message, file=sys.stderr, flush=True)
+        console_log.write(message)
+
+
+class ConsoleLog:
+    """The console lines (say/note) as plain text: kept from the start of the process (a few
+    hundred lines, for what is said before the run directory exists), then appended to
+    <run>/train.log once `open(path)` is called."""
+
+    KEPT = 500
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.handle = None
+
+    def write(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n"
+        if self.handle is not None:
+            self.handle.write(line)
+            self.handle.flush()
+        elif len(self.lines) < self.KEPT:
+            self.lines.append(line)
+
+    def begin(self) -> None:
+        self.close()
+        self.lines = []
+
+    def open(self, path: Path) -> None:
+        self.close()
+        import os
+
+        # O_NOFOLLOW: train.log is never written through a symlink planted in the run directory
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        self.handle = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        self.handle.writelines(self.lines)
+        self.lines = []
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+console_log = ConsoleLog()
 
 
 def warn(message: str) -> None:
@@ -50,10 +94,12 @@ class Reporter:
     `every_n_steps` steps and one per epoch. A disabled Reporter (other ranks) does nothing.
     """
 
-    def __init__(self, run_dir: Path | None, log: LogConfig, epochs: int, enabled: bool = True):
+    def __init__(self, run_dir: Path | None, log: LogConfig, epochs: int, enabled: bool = True, classes=None):
         self.enabled = enabled and run_dir is not None
         self.log, self.epochs, self.run_dir = log, epochs, run_dir
+        self.classes = list(classes or [])
         self.writer = None
+        self.logged_step = -1  # the global step train/loss and train/lr were last written at
         self.bar = None
         self.first_step_seen = False
         mode = log.progress
@@ -112,6 +158,7 @@ class Reporter:
             if self.writer is not None:
                 self.writer.add_scalar("train/loss", loss, global_step)
                 self.writer.add_scalar("train/lr", lr, global_step)
+                self.logged_step = global_step
             if self.mode == "plain":
                 say(
                     f"epoch {self.epoch + 1}/{self.epochs}  batch {batch_index + 1}/{self.total_batches}"
@@ -132,6 +179,8 @@ class Reporter:
             writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
         if self.writer is not None:
             step = row["global_step"]
+            if self.logged_step != step and row.get("lr") is not None:
+                self.writer.add_scalar("train/lr", row["lr"], step)  # epochs shorter than every_n_steps
             for key in (
                 "train_loss",
                 "train_accuracy",
@@ -140,6 +189,8 @@ class Reporter:
                 "val_top5",
                 "images_per_s",
             ):
+                if key == "train_loss" and self.logged_step == step:
+                    continue  # step() wrote this step's point already (same value: the epoch's mean)
                 if row.get(key) is not None:
                     group = "train" if key.startswith("train") or key == "images_per_s" else "val"
                     self.writer.add_scalar(
@@ -160,6 +211,18 @@ class Reporter:
                 ]
             parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
             say("  ".join(parts))
+
+    def evaluated(self, metrics: dict[str, Any], outputs, step: int) -> None:
+        """After each evaluation: per-class accuracy and PR curves in TensorBoard."""
+        if self.writer is not None:
+            from trainkit.insight import log_evaluation
+
+            log_evaluation(self.writer, metrics, outputs, self.classes, step)
+
+    @property
+    def wants_outputs(self) -> bool:
+        """Should evaluation keep its probabilities (for PR curves)?"""
+        return self.writer is not None
 
     def close(self) -> None:
         if self.bar is not None:

@@ -15,7 +15,7 @@ from trainkit import __version__
 from trainkit.checkpoint import FORMAT_VERSION, load_checkpoint, remove_stale_temp_files
 from trainkit.config import Config, dump_config
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.reporting import Reporter, say, warn
+from trainkit.reporting import Reporter, console_log, say, warn
 
 
 def check_config(config: Config) -> None:
@@ -95,6 +95,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     from trainkit.trainer import Trainer
 
     check_config(config)
+    console_log.begin()  # train.log starts with this run's lines
     placement = resolve_placement(config.train.device, config.train.parallel)
     resumed = None
     if resume:
@@ -170,6 +171,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         rank,
         world,
     )
+    train_transform = BatchTransform(bundle.preprocess, config.data.augment, config.run.seed)
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
     schedule = build_scheduler(
         config.sched,
@@ -205,7 +207,18 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
         )
 
-    reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)
+    reporter = Reporter(
+        run_dir, config.log, config.train.epochs, enabled=placement.is_main, classes=splits.classes
+    )
+    insight = None
+    if placement.is_main:
+        from trainkit.insight import RunInsight
+
+        console_log.open(run_dir / "train.log")
+        insight = RunInsight(run_dir, splits.classes, reporter.writer, config.log.graph)
+        insight.start(
+            wrapped, placement, splits, train_transform, config.run.seed, data_seconds, run_dir.name
+        )
     extras = {
         "format_version": FORMAT_VERSION,
         "trainkit_version": __version__,
@@ -221,7 +234,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         schedule=schedule,
         train_source=train_source,
         val_source=val_source,
-        train_transform=BatchTransform(bundle.preprocess, config.data.augment, config.run.seed),
+        train_transform=train_transform,
         eval_transform=BatchTransform(bundle.preprocess, None),
         train=config.train,
         placement=placement,
@@ -244,6 +257,12 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         value = state.best_metric
         shown = f"{100 * value:.2f}%" if config.train.monitor != "val_loss" else f"{value:.4f}"
         say(f"best checkpoint: {best} ({config.train.monitor} {shown} at epoch {state.best_epoch})")
+    if insight is not None:
+        insight.finish(
+            best, splits, bundle.in_memory, config.data, loss_fn, placement.device, config.train.monitor,
+            state,
+        )
+        console_log.close()
     return {
         "run_dir": str(run_dir),
         "best": str(best),

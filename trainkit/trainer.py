@@ -66,8 +66,10 @@ def evaluate(
     loss_fn: nn.Module,
     num_classes: int,
     precision: str = "32",
+    outputs: list | None = None,
 ) -> dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy over a batch source (summed over ranks)."""
+    """Loss, top-1, top-5 and per-class accuracy over a batch source (summed over ranks).
+    `outputs`, when a list, gets this process's (probabilities (b, K), labels (b,)) on the CPU."""
     model.eval()
     device = source.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -89,6 +91,8 @@ def evaluate(
         top5 += (ranked == labels[:, None]).any(dim=1).sum()
         class_total += torch.bincount(labels, minlength=num_classes)
         class_correct += torch.bincount(labels[hit1], minlength=num_classes)
+        if outputs is not None and len(outputs) * labels.shape[0] * num_classes < 20_000_000:  # PR-curve cap
+            outputs.append((logits.softmax(dim=1).cpu(), labels.cpu()))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         packed = torch.cat(
             [
@@ -291,9 +295,12 @@ class Trainer:
         # Under DDP the plain module evaluates: each rank its own shard, no collective in the
         # forward (buffer broadcasts would hang when ranks have unequal numbers of batches).
         model = unwrap_model(self.model) if self.placement.parallel == "ddp" else self.model
+        outputs = [] if self.reporter.wants_outputs else None
         metrics = evaluate(
-            model, self.val_source, self.eval_transform, self.loss_fn, self.num_classes, self.cfg.precision
+            model, self.val_source, self.eval_transform, self.loss_fn, self.num_classes, self.cfg.precision,
+            outputs,
         )
+        self.reporter.evaluated(metrics, outputs, self.state.global_step)
         metric = {
             "val_accuracy": metrics["accuracy"],
             "val_loss": metrics["loss"],

@@ -1,0 +1,178 @@
+"""Figures as PNG bytes: results curves, confusion matrices, image grids.
+
+matplotlib is imported here only, inside the functions, with the Agg backend: nothing that
+does not draw pays for it, and no display is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+from trainkit.text import plot_text
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def _floats(rows: list[dict], key: str) -> list[float | None]:
+    values = []
+    for row in rows:
+        try:
+            values.append(float(row[key]) if row.get(key) not in (None, "") else None)
+        except ValueError:
+            values.append(None)
+    return values
+
+
+def _plot_series(axis, epochs, values, label, **style) -> None:
+    points = [(e, v) for e, v in zip(epochs, values) if v is not None]
+    if points:
+        xs, ys = zip(*points)
+        axis.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label, **style)
+
+
+def results_png(rows: list[dict]) -> bytes:
+    """metrics.csv rows → loss, accuracy and lr per epoch (three panels)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = [int(float(row["epoch"])) for row in rows]
+    _plot_series(axes[0], epochs, _floats(rows, "train_loss"), "train")
+    _plot_series(axes[0], epochs, _floats(rows, "val_loss"), "val")
+    axes[0].set_title("loss")
+    percent = lambda values: [None if v is None else 100 * v for v in values]  # noqa: E731
+    _plot_series(axes[1], epochs, percent(_floats(rows, "train_accuracy")), "train")
+    _plot_series(axes[1], epochs, percent(_floats(rows, "val_accuracy")), "val")
+    axes[1].set_title("accuracy (%)")
+    _plot_series(axes[2], epochs, _floats(rows, "lr"), "lr", color="tab:green")
+    axes[2].set_title("learning rate (end of epoch)")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
+def curves_png(runs: list[tuple[str, list[dict]]]) -> bytes:
+    """Several runs' curves overlaid: val accuracy, val loss, train loss per epoch."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, rows in runs:
+        epochs = [int(float(row["epoch"])) for row in rows]
+        accuracy = [None if v is None else 100 * v for v in _floats(rows, "val_accuracy")]
+        _plot_series(axes[0], epochs, accuracy, plot_text(name))
+        _plot_series(axes[1], epochs, _floats(rows, "val_loss"), plot_text(name))
+        _plot_series(axes[2], epochs, _floats(rows, "train_loss"), plot_text(name))
+    for axis, title in zip(axes, ("val accuracy (%)", "val loss", "train loss")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def confusion_png(matrix, classes: Sequence[str]) -> bytes:
+    """(K, K) counts (rows: true, columns: predicted) → counts and row-normalised panels.
+    Readable at 100 classes: the figure grows with K, tick labels shrink, and the numbers are
+    written in the cells only while they fit."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.int64)
+    k = counts.shape[0]
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = counts / np.maximum(rows, 1)
+    side = min(max(5.0, 0.2 * k + 2.5), 26.0)  # inches per panel
+    tick_size = max(3.0, min(10.0, 420.0 / max(k, 1) / (26.0 / side)))
+    figure, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side))
+    names = [plot_text(name, 24) for name in classes]
+    for axis, data, title, fmt in (
+        (axes[0], counts, "counts", "d"),
+        (axes[1], normalised, "row-normalised (recall on the diagonal)", ".2f"),
+    ):
+        image = axis.imshow(data, cmap="Blues", vmin=0, vmax=data.max() if data.max() > 0 else 1)
+        figure.colorbar(image, ax=axis, fraction=0.046, pad=0.02)
+        axis.set_title(title)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_xticks(range(k))
+        axis.set_yticks(range(k))
+        axis.set_xticklabels(names, rotation=90, fontsize=tick_size)
+        axis.set_yticklabels(names, fontsize=tick_size)
+        if k <= 20:
+            threshold = data.max() / 2 if data.max() > 0 else 1
+            for i in range(k):
+                for j in range(k):
+                    value = data[i, j]
+                    if value:
+                        text = format(int(value), "d") if fmt == "d" else format(value, fmt)
+                        color = "white" if value > threshold else "black"
+                        axis.text(
+                            j, i, text, ha="center", va="center", fontsize=max(5, 9 - k // 4), color=color
+                        )
+    figure.tight_layout()
+    return _png(figure, dpi=100 if k <= 40 else 80)
+
+
+def image_grid_png(images, captions: Sequence[str], columns: int = 8, title: str | None = None) -> bytes:
+    """uint8 (N, C, H, W) images with one caption each (already short) → a PNG grid."""
+    plt = _pyplot()
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, math.ceil(count / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= count:
+            continue
+        image = images[index]
+        pixels = image.permute(1, 2, 0).numpy() if hasattr(image, "permute") else image
+        if pixels.shape[-1] == 1:
+            axis.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            axis.imshow(pixels, interpolation="nearest")
+        axis.set_title(captions[index], fontsize=7)
+    if title:
+        figure.suptitle(plot_text(title, 80), fontsize=10)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def class_grid_png(samples: list[tuple[str, list]], per_class: int) -> bytes:
+    """[(class name, [uint8 (C, H, W), ...]), ...] → one row per class."""
+    plt = _pyplot()
+    rows = max(1, len(samples))
+    figure, axes = plt.subplots(
+        rows, per_class + 1, figsize=(1.2 * (per_class + 1) + 1, 1.2 * rows), squeeze=False
+    )
+    for row, (name, images) in enumerate(samples):
+        axes[row, 0].axis("off")
+        axes[row, 0].text(1.0, 0.5, plot_text(name, 24), ha="right", va="center", fontsize=8)
+        for column in range(per_class):
+            axis = axes[row, column + 1]
+            axis.axis("off")
+            if column < len(images):
+                pixels = images[column].permute(1, 2, 0).numpy()
+                if pixels.shape[-1] == 1:
+                    axis.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                else:
+                    axis.imshow(pixels, interpolation="nearest")
+    figure.tight_layout()
+    return _png(figure, dpi=80)
