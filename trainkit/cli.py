@@ -154,13 +154,42 @@ def predict(
     topk: int = typer.Option(1, "--topk", "-k", min=1, help="Classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    out: str | None = typer.Option(
+        None, "--out", metavar="FILE", help="Write the predictions to FILE.csv or FILE.jsonl instead."
+    ),
+    sort_into: str | None = typer.Option(
+        None, "--sort-into", metavar="DIR", help="Hard-link (or copy) each image into DIR/<label>/."
+    ),
+    copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy instead of hard links."),
 ) -> None:
     """Classify images: one line per image with label and probability."""
 
     def verb():
         from trainkit.predict import run_predict
 
-        return run_predict(inputs, checkpoint, topk, as_json, device)
+        return run_predict(inputs, checkpoint, topk, as_json, device, out, sort_into, copy)
+
+    _run(verb)
+
+
+@app.command()
+def report(
+    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="One or more run directories."),
+    out: str | None = typer.Option(
+        None,
+        "-o",
+        "--out",
+        metavar="FILE",
+        help="Default: RUN_DIR/report.html, or ./report.html for several.",
+    ),
+) -> None:
+    """One self-contained HTML page: curves, confusion matrix, per-class table, mistakes, config,
+    environment and timing; several runs get a comparison table and overlaid curves."""
+
+    def verb():
+        from trainkit.report import run_report
+
+        print(run_report(run_dirs, out))
 
     _run(verb)
 

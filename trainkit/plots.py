@@ -40,6 +40,9 @@ def _floats(rows: list[dict], key: str) -> list[float | None]:
 
 
 def _plot_series(axis, epochs, values, label, **style) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     points = [(e, v) for e, v in zip(epochs, values) if v is not None]
     if points:
         xs, ys = zip(*points)

@@ -45,13 +45,40 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), errors  # a file named twice is predicted once
 
 
+def describe_checkpoint(path: Path, state: dict) -> str:
+    """`runs/x/checkpoints/best.pt (run x, val_accuracy 95.20% at epoch 4)`."""
+    from trainkit.text import printable
+
+    run = path.resolve().parent.parent.name if path.parent.name == "checkpoints" else "?"
+    monitor, value = state.get("monitor"), state.get("best_metric")
+    detail = f"run {printable(run)}"
+    if isinstance(value, (int, float)) and monitor:
+        shown = f"{value:.4f}" if monitor == "val_loss" else f"{100 * value:.2f}%"
+        detail += f", {monitor} {shown} at epoch {state.get('best_epoch')}"
+    return f"{printable(path)} ({detail})"
+
+
 def run_predict(
-    inputs: list[str], checkpoint: str | None, topk: int, as_json: bool, device: str = "auto"
+    inputs: list[str],
+    checkpoint: str | None,
+    topk: int,
+    as_json: bool,
+    device: str = "auto",
+    out: str | None = None,
+    sort_into: str | None = None,
+    copy: bool = False,
 ) -> int:
-    """Print one line per image; unreadable images get one error line. → exit code."""
+    """Print one line per image (or write them to `out`); unreadable images get one error
+    line. → exit code."""
+    from trainkit.predict_out import PredictionFile, Sorter
+
     target = pick_device(device)
     path = Path(checkpoint) if checkpoint else find_default_checkpoint()
     state = load_checkpoint(path, map_location=target)
+    if not checkpoint:  # the newest best.pt under runs/ may not be the one the user thinks of
+        print(f"using {describe_checkpoint(path, state)}", file=sys.stderr)
+    output = PredictionFile(out, max(1, min(topk, len(state["classes"])))) if out else None
+    sorter = Sorter(sort_into, copy) if sort_into else None
     model = build_model_from_checkpoint(state, path).to(target).eval()
     preprocess = Preprocess.from_dict(state["preprocess"])
     classes = list(state["classes"])
@@ -77,19 +104,31 @@ def run_predict(
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
-            if as_json:
-                record = {
-                    "path": str(image_path),
-                    "label": classes[i_row[0]],
-                    "index": i_row[0],
-                    "prob": p_row[0],
-                    "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
-                }
+            record = {
+                "path": str(image_path),
+                "label": classes[i_row[0]],
+                "index": i_row[0],
+                "prob": p_row[0],
+                "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
+            }
+            if sorter is not None:
+                sorter.add(image_path, classes[i_row[0]])
+            if output is not None:
+                output.add(record)
+            elif as_json:
                 print(json.dumps(record))
             else:
                 extra = "  ".join(f"{classes[i]} {p:.3f}" for i, p in zip(i_row[1:], p_row[1:]))
                 print(f"{image_path}\t{classes[i_row[0]]}\t{p_row[0]:.4f}" + (f"\t{extra}" if extra else ""))
         sys.stdout.flush()
+    if output is not None:
+        output.close()
+        print(f"wrote {len(output.records)} predictions to {output.path}", file=sys.stderr)
+    if sorter is not None:
+        sorter.close()
+        how = f", {sorter.copied} copied" if sorter.copied else ""
+        placed = sum(sorter.counts.values())
+        print(f"sorted {placed} images into {sorter.root}/<label>/ (hard links{how})", file=sys.stderr)
     if not paths and not errors:
         print("error: no images found in the inputs", file=sys.stderr)
         return 1
