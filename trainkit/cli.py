@@ -195,6 +195,31 @@ def report(
 
 
 @app.command()
+def inspect(
+    target: str = typer.Argument(
+        ..., metavar="DATA_CONFIG_OR_FOLDER", help="A YAML config or an image folder."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 on leakage across splits or unreadable files."
+    ),
+    save: str | None = typer.Option(
+        None, "--save", metavar="DIR", help="Write inspect.json and samples.png (a grid per class) into DIR."
+    ),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Decoding processes (first run)."),
+) -> None:
+    """Look at the data before training: class counts, sizes and modes, unreadable files, exact
+    duplicates across and within splits, a suggested image_size and its memory."""
+
+    def verb():
+        from trainkit.inspect import run_inspect
+
+        return run_inspect(target, as_json, strict, save, workers)
+
+    _run(verb)
+
+
+@app.command()
 def config(
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
