@@ -153,7 +153,8 @@ def _run_section(run: Run, full: bool) -> str:
     parts.append(f'<div class="headline">{"".join(metrics)}</div>')
 
     parts.append("<h2>Curves</h2>")
-    parts.append(_img(results_png(run.rows) if run.rows else None, "loss, accuracy and lr per epoch"))
+    curves = _png_file(run.path / "results.png") or (results_png(run.rows) if run.rows else None)
+    parts.append(_img(curves, "loss, accuracy and lr per epoch"))
 
     if run.eval:
         classes = [str(c) for c in run.eval.get("classes", [])]
