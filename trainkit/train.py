@@ -258,10 +258,8 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         shown = f"{100 * value:.2f}%" if config.train.monitor != "val_loss" else f"{value:.4f}"
         say(f"best checkpoint: {best} ({config.train.monitor} {shown} at epoch {state.best_epoch})")
     if insight is not None:
-        insight.finish(
-            best, splits, bundle.in_memory, config.data, loss_fn, placement.device, config.train.monitor,
-            state,
-        )
+        where = (splits, bundle.in_memory, config.data, loss_fn, placement.device)
+        insight.finish(best, *where, config.train.monitor, state)
         console_log.close()
     return {
         "run_dir": str(run_dir),
