@@ -297,7 +297,9 @@ class Trainer:
         model = unwrap_model(self.model) if self.placement.parallel == "ddp" else self.model
         outputs = [] if self.reporter.wants_outputs else None
         source, transform = self.val_source, self.eval_transform
-        metrics = evaluate(model, source, transform, self.loss_fn, self.num_classes, self.cfg.precision, outputs)
+        metrics = evaluate(
+            model, source, transform, self.loss_fn, self.num_classes, self.cfg.precision, outputs
+        )
         self.reporter.evaluated(metrics, outputs, self.state.global_step)
         metric = {
             "val_accuracy": metrics["accuracy"],
