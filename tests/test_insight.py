@@ -59,7 +59,10 @@ def run(tmp_path_factory):
             "run": {"name": "see", "out_dir": str(root / "runs")},
             "data": {"name": "imagefolder", "root": str(root / "data"), "batch_size": 16, "image_size": 8},
             "model": {"name": "mlp", "hidden_sizes": [16]},
-            "log": {"every_n_steps": 4},  # 6 steps per epoch: a point at 4, 8, 12; epoch ends at 6, 12
+            "log": {
+                "every_n_steps": 4,
+                "plots": True,
+            },  # 6 steps per epoch: a point at 4, 8, 12; epoch ends at 6, 12
         },
     )
     del config["data"]["synthetic"]

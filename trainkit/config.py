@@ -193,6 +193,9 @@ class LogConfig(Section):
     )
     every_n_steps: PositiveInt = Field(50, description="train-loss logging cadence, steps")
     graph: bool = Field(False, description="write the model graph to TensorBoard (traces the model once)")
+    plots: bool = Field(
+        True, description="draw results.png, confusion_matrix.png and mistakes.png at the end of training"
+    )
 
 
 class Config(Section):

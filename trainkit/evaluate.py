@@ -248,11 +248,10 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def save_eval(metrics: dict[str, Any], directory: str | Path, part=None) -> list[Path]:
+def save_eval(metrics: dict[str, Any], directory: str | Path, part=None, plots: bool = True) -> list[Path]:
     """eval.json, confusion_matrix.csv/.png, per_class.csv, mistakes.csv (+ mistakes.png when
-    the split's pixels are at hand) into `directory` → the paths written."""
+    the split's pixels are at hand) into `directory` → the paths written. plots=False: no PNGs."""
     from trainkit.plots import confusion_png, image_grid_png
-    from trainkit.text import plot_text
 
     folder = output_dir(directory)
     classes = metrics["classes"]
@@ -288,6 +287,8 @@ def save_eval(metrics: dict[str, Any], directory: str | Path, part=None) -> list
     put("per_class.csv", _csv_text(["class", "precision", "recall", "f1", "support"], rows))
     columns = ["index", "path", "true", "predicted", "probability", "probability_true"]
     put("mistakes.csv", _csv_text(columns, [[m.get(c, "") for c in columns] for m in metrics["mistakes"]]))
+    if not plots:
+        return written
     put("confusion_matrix.png", confusion_png(metrics["confusion_matrix"], classes))
     shown = metrics["mistakes"][:MISTAKES_GRID]
     if part is not None and shown:
@@ -298,15 +299,16 @@ def save_eval(metrics: dict[str, Any], directory: str | Path, part=None) -> list
                 images.append(items[mistake["index"]][0])
             except TrainkitError:  # the file changed since: leave it out of the picture
                 continue
-            captions.append(
-                f"{plot_text(mistake['true'], 14)} → {plot_text(mistake['predicted'], 14)}\n"
-                f"p={mistake['probability']:.2f}"
-            )
+            true, predicted = printable(mistake["true"], 15), printable(mistake["predicted"], 11)
+            captions.append(f"{true}\n→ {predicted} {mistake['probability']:.2f}")
         if images:
             put(
                 "mistakes.png",
                 image_grid_png(
-                    images, captions, columns=8, title="most confident mistakes (true → predicted)"
+                    images,
+                    captions,
+                    columns=8,
+                    title="most confident mistakes: true → predicted, probability",
                 ),
             )
     return written

@@ -99,8 +99,11 @@ def _now() -> str:
 class RunInsight:
     """Created once the run directory exists; `start` before fit(), `finish` after it."""
 
-    def __init__(self, run_dir: Path, classes: list[str], writer=None, graph: bool = False):
+    def __init__(
+        self, run_dir: Path, classes: list[str], writer=None, graph: bool = False, plots: bool = True
+    ):
         self.run_dir, self.classes, self.writer, self.graph = run_dir, list(classes), writer, graph
+        self.plots = plots
         self.record: dict[str, Any] = {}
         self.began = time.perf_counter()
 
@@ -180,7 +183,7 @@ class RunInsight:
         from trainkit.plots import results_png
 
         rows = read_metrics(self.run_dir / "metrics.csv")
-        if rows:
+        if rows and self.plots:
             write_file(self.run_dir / "results.png", results_png(rows))
         self.record.update(
             finished=_now(),
@@ -211,7 +214,7 @@ class RunInsight:
                 data_cfg.num_workers,
             )
             metrics.update(split=split, checkpoint=str(best), dataset=data_cfg.name)
-            save_eval(metrics, self.run_dir, part)
+            save_eval(metrics, self.run_dir, part, self.plots)
             self.record.update(
                 eval_split=split, eval_accuracy=metrics["accuracy"], eval_macro_f1=metrics["macro_avg"]["f1"]
             )

@@ -134,48 +134,93 @@ def confusion_png(matrix, classes: Sequence[str]) -> bytes:
     return _png(figure, dpi=100 if k <= 40 else 80)
 
 
+# ---------------------------------------------------------------------------- image grids
+# Drawn with PIL, not matplotlib subplots: a 32-image grid takes milliseconds instead of ~1.5 s.
+
+
+def _font(size: int):
+    """DejaVu Sans from matplotlib's own files (wide Unicode coverage), found without importing
+    matplotlib; PIL's default font otherwise."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in spec.submodule_search_locations if spec and spec.submodule_search_locations else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default()
+
+
+def _thumbnail(image, side: int):
+    """uint8 (C, H, W) tensor or (H, W, C) array → a PIL RGB image, longest side `side`."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = image.permute(1, 2, 0).numpy() if hasattr(image, "permute") else np.asarray(image)
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    picture = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+    scale = side / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    small = max(picture.size) * 2 <= side  # tiny images: keep their pixels sharp
+    return picture.resize(size, Image.NEAREST if small else Image.BILINEAR)
+
+
+def _png_of(picture) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def image_grid_png(images, captions: Sequence[str], columns: int = 8, title: str | None = None) -> bytes:
-    """uint8 (N, C, H, W) images with one caption each (already short) → a PNG grid."""
-    plt = _pyplot()
+    """uint8 (N, C, H, W) images with a caption each (one or two short lines) → a PNG grid."""
+    from PIL import Image, ImageDraw
+
+    from trainkit.text import printable
+
+    side, caption_height, pad = 104, 30, 6
     count = len(images)
     columns = max(1, min(columns, count))
     rows = max(1, math.ceil(count / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if index >= count:
-            continue
-        image = images[index]
-        pixels = image.permute(1, 2, 0).numpy() if hasattr(image, "permute") else image
-        if pixels.shape[-1] == 1:
-            axis.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        else:
-            axis.imshow(pixels, interpolation="nearest")
-        axis.set_title(captions[index], fontsize=7)
+    top = 26 if title else 0
+    width = columns * (side + pad) + pad
+    canvas = Image.new("RGB", (width, top + rows * (side + caption_height + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
     if title:
-        figure.suptitle(plot_text(title, 80), fontsize=10)
-    figure.tight_layout()
-    return _png(figure)
+        draw.text((pad, 6), printable(title, 120), fill="black", font=_font(14))
+    for index in range(count):
+        row, column = divmod(index, columns)
+        x = pad + column * (side + pad)
+        y = top + pad + row * (side + caption_height + pad)
+        thumb = _thumbnail(images[index], side)
+        canvas.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
+        for line_number, line in enumerate(str(captions[index]).split("\n")[:2]):
+            draw.text((x, y + side + 2 + 13 * line_number), line, fill="black", font=font)
+    return _png_of(canvas)
 
 
 def class_grid_png(samples: list[tuple[str, list]], per_class: int) -> bytes:
-    """[(class name, [uint8 (C, H, W), ...]), ...] → one row per class."""
-    plt = _pyplot()
+    """[(class name, [uint8 (C, H, W), ...]), ...] → one row per class, its name on the left."""
+    from PIL import Image, ImageDraw
+
+    from trainkit.text import printable
+
+    side, pad, label_width = 64, 4, 150
     rows = max(1, len(samples))
-    figure, axes = plt.subplots(
-        rows, per_class + 1, figsize=(1.2 * (per_class + 1) + 1, 1.2 * rows), squeeze=False
+    canvas = Image.new(
+        "RGB", (label_width + per_class * (side + pad) + pad, rows * (side + pad) + pad), "white"
     )
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
     for row, (name, images) in enumerate(samples):
-        axes[row, 0].axis("off")
-        axes[row, 0].text(1.0, 0.5, plot_text(name, 24), ha="right", va="center", fontsize=8)
-        for column in range(per_class):
-            axis = axes[row, column + 1]
-            axis.axis("off")
-            if column < len(images):
-                pixels = images[column].permute(1, 2, 0).numpy()
-                if pixels.shape[-1] == 1:
-                    axis.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-                else:
-                    axis.imshow(pixels, interpolation="nearest")
-    figure.tight_layout()
-    return _png(figure, dpi=80)
+        y = pad + row * (side + pad)
+        draw.text((pad, y + side // 2 - 7), printable(name, 22), fill="black", font=font)
+        for column, image in enumerate(images[:per_class]):
+            thumb = _thumbnail(image, side)
+            x = label_width + column * (side + pad)
+            canvas.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
+    return _png_of(canvas)

@@ -215,7 +215,7 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
         from trainkit.insight import RunInsight
 
         console_log.open(run_dir / "train.log")
-        insight = RunInsight(run_dir, splits.classes, reporter.writer, config.log.graph)
+        insight = RunInsight(run_dir, splits.classes, reporter.writer, config.log.graph, config.log.plots)
         insight.start(
             wrapped, placement, splits, train_transform, config.run.seed, data_seconds, run_dir.name
         )
