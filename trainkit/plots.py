@@ -22,9 +22,9 @@ def _pyplot():
     return plt
 
 
-def _png(figure, dpi: int = 100) -> bytes:
+def _png(figure, dpi: int = 100, tight: bool = True) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     _pyplot().close(figure)
     return buffer.getvalue()
 
@@ -94,25 +94,33 @@ def curves_png(runs: list[tuple[str, list[dict]]]) -> bytes:
 def confusion_png(matrix, classes: Sequence[str]) -> bytes:
     """(K, K) counts (rows: true, columns: predicted) → counts and row-normalised panels.
     Readable at 100 classes: the figure grows with K, tick labels shrink, and the numbers are
-    written in the cells only while they fit."""
+    written in the cells only while they fit. Margins are fixed (no tight layout): laying out
+    hundreds of tick labels again for each layout pass is what makes big matrices slow."""
     import numpy as np
 
     plt = _pyplot()
     counts = np.asarray(matrix, dtype=np.int64)
     k = counts.shape[0]
-    rows = counts.sum(axis=1, keepdims=True)
-    normalised = counts / np.maximum(rows, 1)
-    side = min(max(5.0, 0.2 * k + 2.5), 26.0)  # inches per panel
-    tick_size = max(3.0, min(10.0, 420.0 / max(k, 1) / (26.0 / side)))
-    figure, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side))
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cell = 0.32 if k <= 20 else 0.16  # inches per class
+    panel = max(3.5, cell * k)
+    margin = 0.4 + 0.065 * min(24, max((len(str(c)) for c in classes), default=1))  # room for labels
+    width, height = 2 * (panel + margin + 0.9) + 0.3, panel + margin + 0.7
+    figure = plt.figure(figsize=(width, height))
+    tick_size = 9 if k <= 20 else 6 if k <= 60 else 5
     names = [plot_text(name, 24) for name in classes]
-    for axis, data, title, fmt in (
-        (axes[0], counts, "counts", "d"),
-        (axes[1], normalised, "row-normalised (recall on the diagonal)", ".2f"),
-    ):
-        image = axis.imshow(data, cmap="Blues", vmin=0, vmax=data.max() if data.max() > 0 else 1)
-        figure.colorbar(image, ax=axis, fraction=0.046, pad=0.02)
-        axis.set_title(title)
+    panels = (
+        (counts, "counts", "d"),
+        (normalised, "row-normalised (recall on the diagonal)", ".2f"),
+    )
+    for index, (data, title, fmt) in enumerate(panels):
+        left = (margin + index * (panel + margin + 0.9)) / width
+        axis = figure.add_axes((left, margin / height, panel / width, panel / height))
+        top = data.max() if data.max() > 0 else 1
+        image = axis.imshow(data, cmap="Blues", vmin=0, vmax=top, interpolation="nearest", aspect="auto")
+        bar = figure.add_axes((left + (panel + 0.1) / width, margin / height, 0.15 / width, panel / height))
+        figure.colorbar(image, cax=bar)
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
         axis.set_xticks(range(k))
@@ -120,18 +128,12 @@ def confusion_png(matrix, classes: Sequence[str]) -> bytes:
         axis.set_xticklabels(names, rotation=90, fontsize=tick_size)
         axis.set_yticklabels(names, fontsize=tick_size)
         if k <= 20:
-            threshold = data.max() / 2 if data.max() > 0 else 1
-            for i in range(k):
-                for j in range(k):
-                    value = data[i, j]
-                    if value:
-                        text = format(int(value), "d") if fmt == "d" else format(value, fmt)
-                        color = "white" if value > threshold else "black"
-                        axis.text(
-                            j, i, text, ha="center", va="center", fontsize=max(5, 9 - k // 4), color=color
-                        )
-    figure.tight_layout()
-    return _png(figure, dpi=100 if k <= 40 else 80)
+            for i, j in zip(*np.nonzero(data)):
+                value = data[i, j]
+                text = format(int(value), "d") if fmt == "d" else format(value, fmt)
+                color = "white" if value > top / 2 else "black"
+                axis.text(j, i, text, ha="center", va="center", fontsize=7 if k > 10 else 8, color=color)
+    return _png(figure, dpi=100, tight=False)
 
 
 # ---------------------------------------------------------------------------- image grids
