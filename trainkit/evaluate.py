@@ -324,7 +324,9 @@ def print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(markup=False, highlight=False, emoji=False)  # names are data, not markup
+    console = Console(
+        markup=False, highlight=False, emoji=False, soft_wrap=True
+    )  # names are data, not markup
     extra = "".join(f"  top-{k} {100 * v:.2f}%" for k, v in metrics["top_k"].items())
     console.print(
         f"{printable(metrics['checkpoint'])} on {metrics['dataset']} {metrics['split']} "
