@@ -288,7 +288,7 @@ def build_report(directories: list[str]) -> str:
         title = f"trainkit run {run.name}"
         body = [
             f"<h1>{_esc(title)}</h1>",
-            f'<p class="muted">{_esc(run.path.resolve())}</p>',
+            f'<p class="muted">{_esc(run.path)}</p>',
             _run_section(run, full=True),
         ]
     else:
