@@ -259,18 +259,17 @@ def _comparison(runs: list[Run]) -> str:
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     differing = [k for k in differing if k != "run.name"]
     finals = [run.final() for run in runs]
-    header = ["run", *differing, *finals[0].keys()]
-    rows = [
-        [
-            run.name,
-            *(json.dumps(f.get(k)) if not isinstance(f.get(k), str) else f.get(k) for k in differing),
-            *final.values(),
-        ]
-        for run, f, final in zip(runs, flat, finals)
-    ]
+
+    def shown(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    # one column per run, one row per metric then per differing key: any number of keys fits
+    header = ["", *(run.name for run in runs)]
+    rows = [[metric, *(final[metric] for final in finals)] for metric in finals[0]]
+    rows += [[key, *(shown(f.get(key)) for f in flat)] for key in differing]
     parts = [
         "<h2>Comparison</h2>",
-        '<p class="muted">Config keys that differ between the runs, and their final metrics.</p>',
+        '<p class="muted">Final metrics, then the config keys that differ between the runs.</p>',
         _table(header, rows),
         "<h2>Curves, overlaid</h2>",
         _img(curves_png([(run.name, run.rows) for run in runs if run.rows]), "overlaid curves"),
