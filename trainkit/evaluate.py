@@ -56,11 +56,12 @@ def collect_outputs(model, source, transform, loss_fn, precision: str = "32"):
     model.eval()
     probs, labels = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=source.device)
-    for images, targets, _ in source.epoch(0):
+    for batch in source.epoch(0):
+        targets = batch.labels
         if targets.shape[0] == 0:
             continue
         with autocast_for(source.device, precision):
-            logits = model(transform(images))  # (b, K)
+            logits = model(transform(batch.images))  # (b, K)
         logits = logits.float()
         loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
         probs.append(logits.softmax(dim=1).cpu())
@@ -168,6 +169,16 @@ def split_paths(split) -> list[str] | None:
     return None
 
 
+def use_memory_checked(data_cfg, part, preprocess) -> bool:
+    """The tensor path when the split fits; else its images are checked first (DataLoader)."""
+    from trainkit.data.pipeline import check_parts, fits_in_memory
+
+    in_memory = fits_in_memory(data_cfg, [part], preprocess.channels, preprocess.image_size)
+    if not in_memory:
+        check_parts([part])
+    return in_memory
+
+
 def score_split(
     model,
     part,
@@ -183,7 +194,15 @@ def score_split(
     """Evaluate `model` on one split → (summary, the split) — shared by eval and training's end."""
     from trainkit.data.pipeline import BatchTransform, make_source
 
-    source = make_source(part, in_memory, batch_size, 0, False, device, num_workers)
+    source = make_source(
+        part,
+        in_memory=in_memory,
+        batch_size=batch_size,
+        seed=0,
+        shuffle=False,
+        device=device,
+        num_workers=num_workers,
+    )
     probs, labels, loss = collect_outputs(model, source, BatchTransform(preprocess, None), loss_fn, precision)
     return summarize(probs, labels, classes, loss, split_paths(part)), part
 
@@ -192,7 +211,6 @@ def run_eval(
     checkpoint: str, overrides: list[str], split: str | None, device: str = "auto", save: str | None = None
 ) -> dict[str, Any]:
     from trainkit.data.datasets import build_splits
-    from trainkit.data.pipeline import use_memory
     from trainkit.data.preprocess import Preprocess
     from trainkit.optim import build_loss
     from trainkit.reporting import note
@@ -216,7 +234,7 @@ def run_eval(
     if remark:
         note(remark)
     part = splits.get(split)
-    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
+    in_memory = use_memory_checked(config.data, part, preprocess)
     model = build_model_from_checkpoint(state, checkpoint).to(target)
     num_classes = int(state["model_spec"]["num_classes"])
     loss_fn = build_loss(config.loss, num_classes).to(target)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from trainkit.reporting import say, warn
+from trainkit.callbacks import Callback
 from trainkit.text import printable, write_file
 
 GRID_IMAGES = 64  # augmented training images in TensorBoard's grid
@@ -96,47 +96,57 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class RunInsight:
-    """Created once the run directory exists; `start` before fit(), `finish` after it."""
+class RunInsight(Callback):
+    """A callback of the main process: the summary line, run.json and TensorBoard's image grid
+    (and graph) at fit_start, per-class accuracy and PR curves at each evaluated epoch_end;
+    `finish` (called by run_train once training and any process group are done) writes
+    results.png and scores best.pt into the run directory."""
 
-    def __init__(
-        self, run_dir: Path, classes: list[str], writer=None, graph: bool = False, plots: bool = True
-    ):
-        self.run_dir, self.classes, self.writer, self.graph = run_dir, list(classes), writer, graph
-        self.plots = plots
+    def __init__(self, run_dir: Path, *, console, bundle, log, seed: int, writer=None, data_seconds=None):
+        self.run_dir, self.console, self.bundle, self.log = run_dir, console, bundle, log
+        self.classes = list(bundle.splits.classes)
+        self.seed, self.writer, self.data_seconds = seed, writer, data_seconds
         self.record: dict[str, Any] = {}
         self.began = time.perf_counter()
 
     # ------------------------------------------------------------------ start
 
-    def start(
-        self, model, placement, splits, train_transform, seed: int, data_seconds: float, name: str
-    ) -> None:
+    def on_fit_start(self, trainer) -> None:
         from trainkit.runtime import unwrap_model
 
-        plain = unwrap_model(model)
+        placement, splits = trainer.placement, self.bundle.splits
+        plain = unwrap_model(trainer.model)
         shape = (splits.channels, splits.image_size, splits.image_size)
         summary = model_summary(plain, shape, placement.device)
         count = placement.world if placement.parallel == "ddp" else len(placement.device_ids or [0])
         self.record = {
-            "name": name,
+            "name": self.run_dir.name,
             "started": _now(),
             **environment(placement.device, count),
             **summary,
-            "data_seconds": round(data_seconds, 3),
         }
+        if self.data_seconds is not None:
+            self.record["data_seconds"] = round(self.data_seconds, 3)
         flops = summary["flops_per_image"]
-        say(
+        self.console.say(
             f"model: {summary['trainable_parameters']:,} trainable / {summary['parameters']:,} parameters, "
             f"{summary['size_mb']:.2f} MB, {_human(flops) if flops is not None else 'n/a'} FLOPs per image; "
             f"device: {self.record['device']}"
         )
         self._save_record()
         if self.writer is not None:
-            self._image_grid(splits.train, train_transform, seed, placement.device)
-            if self.graph:
+            trainer.keep_eval_outputs = True  # for the PR curves
+            self._image_grid(splits.train, trainer.train_transform, self.seed, placement.device)
+            if self.log.graph:
                 self._graph(plain, shape, placement.device)
             self.writer.flush()
+
+    def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
+        evaluation = getattr(trainer, "last_evaluation", None)
+        if self.writer is None or row.get("val_loss") is None or evaluation is None:
+            return
+        log_evaluation(self.writer, evaluation, evaluation.get("outputs"), self.classes, row["global_step"])
+        self.writer.flush()
 
     def _image_grid(self, split, transform, seed: int, device) -> None:
         """What the model sees in its first steps: epoch 0's first images after augmentation."""
@@ -166,30 +176,30 @@ class RunInsight:
                 self.writer.add_graph(model, torch.zeros(1, *shape, device=device))
             model.train(was_training)
         except Exception as error:  # noqa: BLE001 - tracing is optional; say why it was skipped
-            warn(f"model graph not written to TensorBoard ({type(error).__name__}: {str(error)[:100]})")
+            reason = f"{type(error).__name__}: {str(error)[:100]}"
+            self.console.warn(f"model graph not written to TensorBoard ({reason})")
 
     def _save_record(self) -> None:
         write_file(self.run_dir / "run.json", json.dumps(self.record, indent=1) + "\n")
 
     # ------------------------------------------------------------------ end
 
-    def finish(
-        self, best: Path, splits, in_memory: bool, data_cfg, loss_fn, device, monitor: str, state
-    ) -> None:
+    def finish(self, trainer, data_cfg) -> None:
         from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
-        from trainkit.data.pipeline import use_memory
         from trainkit.data.preprocess import Preprocess
-        from trainkit.evaluate import choose_split, save_eval, score_split
+        from trainkit.evaluate import choose_split, save_eval, score_split, use_memory_checked
         from trainkit.plots import results_png
 
+        state, splits, device = trainer.state, self.bundle.splits, trainer.placement.device
+        best = self.run_dir / "checkpoints" / "best.pt"
         rows = read_metrics(self.run_dir / "metrics.csv")
-        if rows and self.plots:
+        if rows and self.log.plots:
             write_file(self.run_dir / "results.png", results_png(rows))
         self.record.update(
             finished=_now(),
             wall_seconds=round(time.perf_counter() - self.began, 3),
             train_seconds=round(sum(float(r["epoch_seconds"] or 0) for r in rows), 3),
-            monitor=monitor,
+            monitor=trainer.monitor.name,
             best_metric=state.best_metric,
             best_epoch=state.best_epoch,
             epochs=state.epoch,
@@ -201,26 +211,26 @@ class RunInsight:
             part = splits.get(split)
             preprocess = Preprocess.from_dict(checkpoint["preprocess"])
             model = build_model_from_checkpoint(checkpoint, best).to(device)
-            memory = in_memory or use_memory(data_cfg, [part], preprocess.channels, preprocess.image_size)
+            memory = use_memory_checked(data_cfg, part, preprocess)
             metrics, part = score_split(
                 model,
                 part,
                 memory,
                 preprocess,
-                loss_fn,
+                trainer.loss_fn,
                 self.classes,
                 data_cfg.eval_batch_size,
                 device,
                 data_cfg.num_workers,
             )
             metrics.update(split=split, checkpoint=str(best), dataset=data_cfg.name)
-            save_eval(metrics, self.run_dir, part, self.plots)
+            save_eval(metrics, self.run_dir, part, self.log.plots)
             self.record.update(
                 eval_split=split, eval_accuracy=metrics["accuracy"], eval_macro_f1=metrics["macro_avg"]["f1"]
             )
             where = " (no test split; val chose it)" if remark else ""
             accuracy, f1 = 100 * metrics["accuracy"], 100 * metrics["macro_avg"]["f1"]
-            say(
+            self.console.say(
                 f"best.pt on {split}{where}: accuracy {accuracy:.2f}%, macro F1 {f1:.2f}%; confusion "
                 f"matrix, per-class metrics and mistakes in {printable(self.run_dir)}"
             )
