@@ -11,8 +11,9 @@ import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -62,13 +63,18 @@ def remove_stale_temp_files(directory: Path) -> int:
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, os.replace, fsync the directory:
-    a crash at any moment leaves either the old file or the new one, never a torn one.
-    On failure the temp file is removed and the OSError raised."""
+    """torch.save through `atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """The one file writer: `write(handle)` fills a temp file in the same directory, then
+    fsync, os.replace, fsync the directory: a crash at any moment leaves either the old file
+    or the new one, never a torn one. On failure the temp file is removed and the OSError raised."""
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
