@@ -207,15 +207,22 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return state
 
 
+def require_code_permission(state: dict[str, Any], path: str | Path, trust_code: bool) -> None:
+    """A checkpoint whose model is the user's own code: one line naming it and --trust-code,
+    before anything is imported (call it before any other work)."""
+    from trainkit.models.custom import is_code_reference, untrusted_message
+
+    name = str(state["model_spec"].get("name", ""))
+    if is_code_reference(name) and not trust_code:
+        raise TrainkitError(f"{path}: the model {untrusted_message(name)}")
+
+
 def build_model_from_checkpoint(
     state: dict[str, Any], path: str | Path = "checkpoint", trust_code: bool = False
 ):
     from trainkit.models import build_model
-    from trainkit.models.custom import is_code_reference, untrusted_message
 
-    name = str(state["model_spec"].get("name", ""))
-    if is_code_reference(name) and not trust_code:  # before anything is imported
-        raise TrainkitError(f"{path}: the model {untrusted_message(name)}")
+    require_code_permission(state, path, trust_code)
     model = build_model(dict(state["model_spec"]), trust_code)
     try:
         model.load_state_dict(state["model"])

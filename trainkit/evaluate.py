@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint import build_model_from_checkpoint
+from trainkit.checkpoint import build_model_from_checkpoint, require_code_permission
 from trainkit.config import apply_overrides, config_from_dict
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
@@ -224,6 +224,7 @@ def run_eval(
 
     target = pick_device(device)
     state = load_for_inference(checkpoint, config_path, overrides, trust_code, target)
+    require_code_permission(state, checkpoint, trust_code)
     config = config_from_dict(apply_overrides(state["config"], overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.

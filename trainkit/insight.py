@@ -102,8 +102,20 @@ class RunInsight(Callback):
     `finish` (called by run_train once training and any process group are done) writes
     results.png and scores best.pt into the run directory."""
 
-    def __init__(self, run_dir: Path, *, console, bundle, log, seed: int, writer=None, data_seconds=None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        console,
+        bundle,
+        log,
+        seed: int,
+        writer=None,
+        data_seconds=None,
+        trust_code=False,
+    ):
         self.run_dir, self.console, self.bundle, self.log = run_dir, console, bundle, log
+        self.trust_code = trust_code  # the run's own model code was allowed (--trust-code)
         self.classes = list(bundle.splits.classes)
         self.seed, self.writer, self.data_seconds = seed, writer, data_seconds
         self.record: dict[str, Any] = {}
@@ -210,7 +222,7 @@ class RunInsight(Callback):
             split, remark = choose_split(splits, None)
             part = splits.get(split)
             preprocess = Preprocess.from_dict(checkpoint["preprocess"])
-            model = build_model_from_checkpoint(checkpoint, best).to(device)
+            model = build_model_from_checkpoint(checkpoint, best, self.trust_code).to(device)
             memory = use_memory_checked(data_cfg, part, preprocess)
             metrics, part = score_split(
                 model,

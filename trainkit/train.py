@@ -317,6 +317,7 @@ class Built:
     data_line: str  # what the data line of the run's output says
     model_line: str = ""  # what was loaded and what is new, what is frozen
     freezer: Any = None  # trainkit.finetune.FreezeSchedule, or None
+    trust_code: bool = False  # the model's own code may be imported (--trust-code)
     data_seconds: float | None = None  # data preparation time (decoding on a first run)
 
 
@@ -507,6 +508,7 @@ def build_run(
         data_line=_data_line(config, bundle, data_seconds, placement),
         model_line=model_line(config, model, init_lines[0], frozen),
         freezer=freezer,
+        trust_code=trust_code,
         data_seconds=data_seconds,
     )
 
@@ -647,6 +649,7 @@ def run_callbacks(
         seed=config.run.seed,
         writer=reporter.writer,
         data_seconds=built.data_seconds,
+        trust_code=built.trust_code,
     )
     return [writer, reporter, insight]
 
