@@ -23,18 +23,25 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
     config = config_from_dict(apply_overrides(state["config"], overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.
+    # A checkpoint never chooses where to write: its data.cache_dir is used only when the
+    # command line names it again.
+    overridden = any(o.split("=", 1)[0].strip() == "data.cache_dir" for o in overrides)
     data_cfg = config.data.model_copy(
-        update={"channels": preprocess.channels, "image_size": preprocess.image_size}
+        update={
+            "channels": preprocess.channels,
+            "image_size": preprocess.image_size,
+            "cache_dir": config.data.cache_dir if overridden else None,
+        }
     )
-    splits = build_splits(data_cfg, config.run.seed)
     classes = list(state["classes"])
+    splits = build_splits(data_cfg, config.run.seed, split=split, classes=classes)
     if list(splits.classes) != classes:
         raise TrainkitError(
             f"the data's classes ({', '.join(splits.classes[:5])}…) differ from the checkpoint's "
             f"({', '.join(classes[:5])}…)"
         )
     part = splits.get(split)
-    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
+    in_memory = use_memory(data_cfg, [part], preprocess.channels, preprocess.image_size)
     source = make_source(
         part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers
     )
@@ -56,10 +63,12 @@ def print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     from rich.table import Table
 
     console = Console()
+    # top-5 says something only with more than 5 classes (on 2 it is always 100 %)
+    top5 = f"  top-5 {100 * metrics['top5']:.2f}%" if len(metrics["per_class"]) > 5 else ""
     console.print(
         f"{metrics['checkpoint']} on {metrics['dataset']} {metrics['split']} "
         f"({metrics['num_samples']} images): loss {metrics['loss']:.4f}  "
-        f"top-1 {100 * metrics['accuracy']:.2f}%  top-5 {100 * metrics['top5']:.2f}%"
+        f"top-1 {100 * metrics['accuracy']:.2f}%{top5}"
     )
     table = Table(title="per-class accuracy")
     table.add_column("class")

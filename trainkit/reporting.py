@@ -50,8 +50,11 @@ class Reporter:
     `every_n_steps` steps and one per epoch. A disabled Reporter (other ranks) does nothing.
     """
 
-    def __init__(self, run_dir: Path | None, log: LogConfig, epochs: int, enabled: bool = True):
+    def __init__(
+        self, run_dir: Path | None, log: LogConfig, epochs: int, enabled: bool = True, num_classes: int = 0
+    ):
         self.enabled = enabled and run_dir is not None
+        self.show_top5 = num_classes > 5  # on 5 classes or fewer top-5 is always 100 %
         self.log, self.epochs, self.run_dir = log, epochs, run_dir
         self.writer = None
         self.bar = None
@@ -156,8 +159,7 @@ class Reporter:
                 parts += [
                     f"val_loss {row['val_loss']:.4f}",
                     f"val_acc {100 * row['val_accuracy']:.2f}%",
-                    f"top5 {100 * row['val_top5']:.2f}%",
-                ]
+                ] + ([f"top5 {100 * row['val_top5']:.2f}%"] if self.show_top5 else [])
             parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
             say("  ".join(parts))
 

@@ -95,6 +95,9 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     from trainkit.trainer import Trainer
 
     check_config(config)
+    # The data folder is saved resolved, so that eval finds it from any working directory.
+    root = os.path.abspath(os.path.expanduser(config.data.root))
+    config = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
     placement = resolve_placement(config.train.device, config.train.parallel)
     resumed = None
     if resume:
@@ -126,7 +129,6 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     data_began = time.perf_counter()
     with local_main_first(placement):
         bundle = build_data(data_cfg, config.run.seed)
-    data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
     splits = bundle.splits
     spec = {
         "name": config.model.name,
@@ -193,6 +195,8 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             lambda: make_run_dir(config.run.out_dir, config.run.name) if placement.is_main else None,
         )
     checkpoint_dir = run_dir / "checkpoints"
+    # all of the wait before the first step: both splits' decoding or cache loads, the model
+    data_seconds = time.perf_counter() - data_began
     if placement.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(checkpoint_dir)
@@ -205,7 +209,9 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
             f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
         )
 
-    reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)
+    reporter = Reporter(
+        run_dir, config.log, config.train.epochs, enabled=placement.is_main, num_classes=spec["num_classes"]
+    )
     extras = {
         "format_version": FORMAT_VERSION,
         "trainkit_version": __version__,

@@ -278,7 +278,8 @@ class Trainer:
                 self.reporter.end_epoch(row)  # marked point: metrics.csv, TensorBoard, progress
                 if self._stop_agreed(force=True):
                     self._leave()
-                if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
+                stop = self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience
+                if stop and not last_epoch:  # after the last epoch nothing is stopped
                     patience = self.cfg.patience
                     say(f"early stopping: {self.cfg.monitor} did not improve for {patience} evaluations")
                     break
