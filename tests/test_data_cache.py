@@ -280,3 +280,27 @@ def test_eval_finds_its_data_from_anywhere_and_needs_only_its_split(cli, tmp_pat
     shutil.copytree(tmp_path / "data" / "val", only_val / "val")
     moved = cli("eval", best, "--split", "val", f"data.root={only_val}", "--json")
     assert moved.exit_code == 0 and '"num_samples": 12' in moved.stdout, moved
+
+
+def test_ready_in_counts_both_splits_decoding(cli, tmp_path, monkeypatch):
+    """The data line's "ready in" is the whole wait before the first step: the val split's
+    decoding too (the second decoding pass, val's, is made to take at least 1.5 s here)."""
+    import time
+
+    from trainkit.data import cache
+
+    real, calls = cache.decode_all, []
+
+    def slow_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "decode_all", slow_second)
+    root = make_folder(tmp_path / "data", splits=("train", "val"))
+    result = cli("train", config_for(tmp_path, root, val_fraction=None, cache="memory"))
+    assert result.exit_code == 0, result
+    assert result.stderr.count("decoded 12 images") == 2
+    seconds = float(re.search(r"ready in ([\d.]+) s", result.stdout)[1])
+    assert seconds >= 1.5, result
