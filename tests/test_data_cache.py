@@ -182,6 +182,8 @@ def test_budget_evicts_least_recently_used_and_cache_verbs(cli, tmp_path):
 
     listed = cli("cache", "list", root)
     assert listed.exit_code == 0 and str(cache_dir(root)) in listed.stdout and "1 files" in listed.stdout
+    everything = cli("cache", "list")  # without ROOT: the caches written beside datasets too
+    assert everything.exit_code == 0 and str(cache_dir(root)) in everything.stdout, everything
     mine = cache_dir(root) / "notes.txt"  # not trainkit's: left alone
     mine.write_text("keep")
     cleaned = cli("cache", "clean", root)
@@ -276,6 +278,13 @@ def test_eval_finds_its_data_from_anywhere_and_needs_only_its_split(cli, tmp_pat
     result = cli("eval", best, "--split", "val")
     assert result.exit_code == 0 and "(12 images)" in result.stdout, result
     assert "top-5" not in result.stdout  # two classes: top-5 is always 100 %
+    # a checkpoint never chooses where eval writes: its data.cache_dir is not created
+    chosen = tmp_path / "chosen-by-the-checkpoint"
+    state = torch.load(best, weights_only=True)
+    state["config"]["data"]["cache_dir"] = str(chosen)
+    planted = tmp_path / "planted.pt"
+    torch.save(state, planted)
+    assert cli("eval", planted, "--split", "val").exit_code == 0 and not chosen.exists()
     only_val = tmp_path / "only-val"
     shutil.copytree(tmp_path / "data" / "val", only_val / "val")
     moved = cli("eval", best, "--split", "val", f"data.root={only_val}", "--json")
@@ -304,3 +313,29 @@ def test_ready_in_counts_both_splits_decoding(cli, tmp_path, monkeypatch):
     assert result.stderr.count("decoded 12 images") == 2
     seconds = float(re.search(r"ready in ([\d.]+) s", result.stdout)[1])
     assert seconds >= 1.5, result
+
+
+def test_large_uniform_photos_need_image_size(cli, tmp_path):
+    root = make_folder(tmp_path / "data", per_class=2, size=(640, 600))
+    result = cli("train", config_for(tmp_path, root, image_size=None))
+    assert result.exit_code == 2 and "the images are 640x600; set the training size" in result.stderr
+
+
+def test_reduced_jpeg_decoding_matches_a_full_decode(tmp_path):
+    """Large photos are decoded at 1/2..1/8 scale (JPEG draft) or box-reduced: the result
+    differs from a full decode + antialiased resize by less than 2 levels on average."""
+    import numpy as np
+
+    from trainkit.data.preprocess import decode_image, pil_to_uint8, resize
+
+    y, x = np.mgrid[0:1200, 0:1600].astype(np.float32)
+    waves = [np.sin(x / 97), np.cos(y / 131), np.sin((x + y) / 173)]
+    pixels = np.stack([128 + 100 * wave for wave in waves], -1).astype(np.uint8)
+    for name in ("big.jpg", "big.png"):
+        Image.fromarray(pixels).save(tmp_path / name, quality=92)
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            full = resize(pil_to_uint8(image, 3), 64)
+        reduced = decode_image(tmp_path / name, 3, 64)
+        assert reduced.shape == full.shape == (3, 64, 64)
+        assert (reduced.float() - full.float()).abs().mean() < 2.0, name

@@ -46,6 +46,7 @@ CACHE_FORMAT = 3  # 3: failures stored (retried by the next run), file count che
 BESIDE_NAME = ".trainkit_cache"
 LOCK_NAME = ".lock"
 ROOT_NOTE = "root.txt"  # in a user-cache directory: which dataset folder it caches
+KNOWN_PLACES = "places.txt"  # in the user cache: cache folders elsewhere, for `trainkit cache list`
 DECODE_BATCH_BYTES = 256 * 2**20  # decoding batches stay under this many bytes
 
 
@@ -405,6 +406,7 @@ def _save_state(state: dict, path: Path, settings: CacheSettings, announce: bool
         warn(f"could not write the decoded cache {path}: {error.strerror or error}")
         return
     if announce:
+        _remember(path.parent)
         total = directory_bytes(path.parent)
         gone = f"; removed {evicted} least recently used" if evicted else ""
         note(
@@ -412,6 +414,35 @@ def _save_state(state: dict, path: Path, settings: CacheSettings, announce: bool
             f"{_size(total)} of its {_size(settings.max_bytes)} budget{gone}; "
             "`trainkit cache clean` removes it)"
         )
+
+
+def _known_places() -> list[str]:
+    known = user_cache_base() / KNOWN_PLACES
+    if known.is_symlink() or not known.is_file():
+        return []
+    return [line for line in known.read_text().splitlines() if line.strip()]
+
+
+def _remember(directory: Path) -> None:
+    """Note a cache folder outside the user cache (beside a dataset, or data.cache_dir) so that
+    `trainkit cache list` finds it without being told where (best effort, never fatal)."""
+    import tempfile
+
+    place = os.path.realpath(directory)
+    base = user_cache_base()
+    if place.startswith(str(base) + os.sep):
+        return
+    try:
+        places = _known_places()
+        if place in places:
+            return
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, name = tempfile.mkstemp(dir=base, prefix=f".{KNOWN_PLACES}.tmp-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(f"{p}\n" for p in [*places, place]))
+        os.replace(name, base / KNOWN_PLACES)
+    except OSError:
+        pass
 
 
 def cache_files(directory: Path) -> list[Path]:
@@ -467,17 +498,23 @@ def _describe(path: Path, root: str | None) -> CacheDirectory:
 
 def find_cache_directories(root: str | None = None) -> list[CacheDirectory]:
     """Cache directories of one dataset folder (beside it and in the user cache), or, without
-    a root, every one in the user cache. A path that is itself a cache directory (one set with
+    a root, every one trainkit knows: those in the user cache and those it wrote elsewhere
+    (remembered in the user cache's places.txt). A path that is itself a cache directory (one set with
     data.cache_dir) is taken as one."""
     found = []
     if root is not None:
-        folder = Path(root)
+        folder = Path(root).resolve()
         if cache_files(folder) or (folder / LOCK_NAME).is_file():
             found.append(_describe(folder, None))
         for candidate in (folder / BESIDE_NAME, user_cache_for(root)):
             if candidate.is_dir() and not candidate.is_symlink():
-                found.append(_describe(candidate, os.path.realpath(root)))
+                found.append(_describe(candidate, str(folder)))
         return found
+    for place in _known_places():
+        folder = Path(place)
+        if folder.is_dir() and not folder.is_symlink():
+            beside = folder.parent if folder.name == BESIDE_NAME else None
+            found.append(_describe(folder, str(beside) if beside else None))
     base = user_cache_base()
     if base.is_dir() and not base.is_symlink():
         for child in sorted(base.iterdir()):
@@ -505,27 +542,34 @@ def remove_cache_directory(entry: CacheDirectory) -> int:
     return freed
 
 
+def _shown(path) -> str:
+    """A path for a text line: tabs, newlines and terminal escapes written as escapes."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def run_cache(action: str, root: str | None) -> int:
     """`trainkit cache list|clean [ROOT]`."""
     if root is not None and not Path(root).is_dir():
         raise TrainkitError(f"{root}: not a directory")
     entries = find_cache_directories(root)
-    where = root or str(user_cache_base())
     if not entries:
-        print(f"no trainkit cache for {where}")
+        print(f"no trainkit cache for {_shown(root)}" if root else "no trainkit caches known")
         return 0
     if action == "list":
         for entry in entries:
             used = (
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)) if entry.last_used else "-"
             )
-            of = f"  ({entry.root})" if entry.root and entry.root != str(entry.path) else ""
-            print(f"{_size(entry.nbytes):>9}  {entry.files:3d} files  last used {used}  {entry.path}{of}")
+            of = f"  ({_shown(entry.root)})" if entry.root and entry.root != str(entry.path) else ""
+            print(
+                f"{_size(entry.nbytes):>9}  {entry.files:3d} files  last used {used}  {_shown(entry.path)}{of}"
+            )
         print(f"{_size(sum(e.nbytes for e in entries)):>9}  in all")
         return 0
     freed = 0
     for entry in entries:
         freed += remove_cache_directory(entry)
-        print(f"removed {entry.path}")
+        print(f"removed {_shown(entry.path)}")
     print(f"freed {_size(freed)}")
     return 0

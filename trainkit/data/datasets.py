@@ -289,6 +289,9 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
     return build
 
 
+MAX_NATIVE_SIDE = 512  # with image_size unset, larger images need it set
+
+
 def _class_folders(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -363,6 +366,12 @@ def _probe_images(paths: list[str], data: DataConfig) -> tuple[int, int]:
             f"set one, e.g. data.image_size={suggestion}",
         )
     ((width, height),) = sizes
+    if max(width, height) > MAX_NATIVE_SIDE:  # photos: a model is never trained at 2592 px unasked
+        raise ConfigError(
+            "data.image_size",
+            f"the images are {width}x{height}; set the training size, e.g. data.image_size=224 "
+            f"(unset, it is the images' own size only up to {MAX_NATIVE_SIDE} px)",
+        )
     return channels, max(width, height)
 
 
