@@ -433,7 +433,7 @@ def _remember(directory: Path) -> None:
     if place.startswith(str(base) + os.sep):
         return
     try:
-        places = _known_places()
+        places = [known for known in _known_places() if os.path.isdir(known)]  # the gone dropped
         if place in places:
             return
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
