@@ -71,9 +71,11 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     if path.is_symlink():
         raise OSError(errno.ELOOP, "refusing to replace a symbolic link", str(path))
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        # reopened by name without following links (a swap after mkstemp is refused)
+        with open(tmp, "wb", opener=lambda file, flags: os.open(file, flags | os.O_NOFOLLOW)) as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
