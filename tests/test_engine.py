@@ -12,7 +12,7 @@ from PIL import Image
 
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
-from trainkit.data.loader import BatchTransform, crop_and_flip
+from trainkit.data.augment import BatchTransform, crop_and_flip
 from trainkit.data.preprocess import Preprocess
 from trainkit.models import build_model
 from trainkit.runtime import unwrap_model
