@@ -223,6 +223,7 @@ def config(
 
 @app.command()
 def cache(
+    ctx: typer.Context,
     action: str = typer.Argument(..., metavar="list|clean", help="list: sizes and places; clean: delete."),
     root: str | None = typer.Argument(
         None, help="A dataset folder (or a data.cache_dir); default: every cache in the user cache folder."
@@ -237,7 +238,7 @@ def cache(
 
         return run_cache(action, root)
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 def _usage(message: str) -> None:
