@@ -39,7 +39,11 @@ def trainkit_commands() -> list[list[str]]:
     """Every `trainkit …` invocation (also under torchrun -m / srun) as argv after `trainkit`."""
     found = []
     for line in shell_lines():
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError:  # printed output shown in a block (an apostrophe), not a command
+            assert not re.match(r"(\S+/)?trainkit\b|.*-m trainkit\b", line), line
+            continue
         for i, word in enumerate(words):
             if word == "trainkit" and (i == 0 or words[i - 1] in ("-m", "srun")):
                 found.append(words[i + 1 :])
