@@ -42,6 +42,12 @@ class Result:
         return f"exit {self.exit_code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
 
 
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path, monkeypatch):
+    """Tests never write into the real user cache directory (~/.cache/trainkit)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
     """cli('train', 'cfg.yaml', ...) → Result, run with tmp_path as the working directory."""

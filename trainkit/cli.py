@@ -358,6 +358,26 @@ def config(
     _run(verb, ctx)
 
 
+@app.command()
+def cache(
+    ctx: typer.Context,
+    action: str = typer.Argument(..., metavar="list|clean", help="list: sizes and places; clean: delete."),
+    root: str | None = typer.Argument(
+        None, help="A dataset folder (or a data.cache_dir); default: every cache in the user cache folder."
+    ),
+) -> None:
+    """The decoded-image caches: where they are and how big (list), or remove them (clean)."""
+    if action not in ("list", "clean"):
+        _usage(f"unknown cache action '{action}'; choices: list, clean")
+
+    def verb():
+        from trainkit.data.cache import run_cache
+
+        return run_cache(action, root)
+
+    _run(verb, ctx)
+
+
 def _usage(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(2)

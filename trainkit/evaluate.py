@@ -228,16 +228,20 @@ def run_eval(
     config = config_from_dict(apply_overrides(state["config"], overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.
+    # A checkpoint never chooses where to write: its data.cache_dir is used only when the
+    # command line names it again.
+    overridden = any(o.split("=", 1)[0].strip() == "data.cache_dir" for o in overrides)
     data_cfg = config.data.model_copy(
         update={
             "channels": preprocess.channels,
             "image_size": preprocess.image_size,
             "resize": preprocess.resize,
             "resize_size": preprocess.resize_size,
+            "cache_dir": config.data.cache_dir if overridden else None,
         }
     )
-    splits = build_splits(data_cfg, config.run.seed)
     classes = list(state["classes"])
+    splits = build_splits(data_cfg, config.run.seed, split=split, classes=classes)
     if list(splits.classes) != classes:
         raise TrainkitError(
             f"the data's classes ({', '.join(map(printable, splits.classes[:5]))}…) differ from the "
@@ -247,7 +251,7 @@ def run_eval(
     if remark:
         note(remark)
     part = splits.get(split)
-    in_memory = use_memory_checked(config.data, part, preprocess)
+    in_memory = use_memory_checked(data_cfg, part, preprocess)
     model = build_model_from_checkpoint(state, checkpoint, trust_code).to(target)
     num_classes = int(state["model_spec"]["num_classes"])
     loss_fn = build_loss(config.loss, num_classes).to(target)

@@ -116,9 +116,18 @@ class Reporter(Callback):
     command started: the first training step is reported relative to it.
     """
 
-    def __init__(self, run_dir: Path, log: LogConfig, epochs: int, console: Console, started: float):
+    def __init__(
+        self,
+        run_dir: Path,
+        log: LogConfig,
+        epochs: int,
+        console: Console,
+        started: float,
+        num_classes: int = 0,
+    ):
         self.log, self.epochs, self.run_dir, self.console = log, epochs, run_dir, console
         self.started = started
+        self.show_top5 = num_classes > 5  # on 5 classes or fewer top-5 is always 100 %
         self.writer = None
         self.bar = None
         self.first_step_seen = False
@@ -200,7 +209,7 @@ class Reporter(Callback):
                     self.writer.add_scalar(f"{group}/{name}", row[key], row["global_step"])
             self.writer.flush()
         if self.mode != "none":
-            self.console.say(epoch_line(row, self.epochs))
+            self.console.say(epoch_line(row, self.epochs, self.show_top5))
 
     def _write_row(self, row: dict[str, Any]) -> None:
         new = not self.csv_path.exists()
@@ -222,7 +231,7 @@ class Reporter(Callback):
             self.writer = None
 
 
-def epoch_line(row: dict[str, Any], epochs: int) -> str:
+def epoch_line(row: dict[str, Any], epochs: int, show_top5: bool = True) -> str:
     parts = [
         f"epoch {row['epoch']}/{epochs}",
         f"train_loss {row['train_loss']:.4f}",
@@ -232,8 +241,7 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
         parts += [
             f"val_loss {row['val_loss']:.4f}",
             f"val_acc {100 * row['val_accuracy']:.2f}%",
-            f"top5 {100 * row['val_top5']:.2f}%",
-        ]
+        ] + ([f"top5 {100 * row['val_top5']:.2f}%"] if show_top5 else [])
     parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
     return "  ".join(parts)
 

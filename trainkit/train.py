@@ -452,7 +452,6 @@ def build_run(
     data_began = time.perf_counter()
     with local_main_first(placement):
         bundle = build_data(data_cfg, config.run.seed, console)
-    data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
     spec = model_spec(config, bundle.splits)
     init_lines = ["weights from the checkpoint being resumed" if resumed_epoch is not None else None]
 
@@ -490,6 +489,8 @@ def build_run(
         freezer.at_epoch(resumed_epoch or 0)
     drop_last = _batchnorm_drop_last(model, config, len(bundle.splits.train), placement.world, console)
     train_source, val_source = make_sources(config, bundle, placement=placement, drop_last=drop_last)
+    # all of the wait for data before the first step: both splits' decoding or cache loads
+    data_seconds = time.perf_counter() - data_began
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
     monitor = Monitor.for_metric(config.train.monitor)
     schedule = build_scheduler(config.sched, optimizer, steps_per_epoch, config.train.epochs, monitor.mode)
@@ -635,7 +636,8 @@ def run_callbacks(
     writer = CheckpointWriter(
         run_dir / "checkpoints", top_k=config.train.save_top_k, every_epochs=config.train.save_every_epochs
     )
-    reporter = Reporter(run_dir, config.log, config.train.epochs, console, started)
+    num_classes = built.spec["num_classes"] if built is not None else 0
+    reporter = Reporter(run_dir, config.log, config.train.epochs, console, started, num_classes)
     if built is None:
         return [writer, reporter]
     from trainkit.insight import RunInsight
@@ -680,6 +682,9 @@ def run_train(
     lock = plan.lock if plan is not None else None
     try:
         check_config(config, trust_code)
+        # The data folder is saved resolved, so that eval finds it from any working directory.
+        root = os.path.abspath(os.path.expanduser(config.data.root))
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
         placement = resolve_placement(config.train.device, config.train.parallel)
         console = Console(enabled=placement.is_main)
         resumed_epoch = int(plan.state["epoch"]) if plan is not None else None

@@ -296,7 +296,8 @@ class Trainer:
             self.callbacks.fire("fit_start", self)
             while self.state.epoch < self.cfg.epochs:
                 self.run_epoch()
-                if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
+                stop = self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience
+                if stop and self.state.epoch < self.cfg.epochs:  # after the last epoch nothing is stopped
                     patience, name = self.cfg.patience, self.monitor.name
                     self.console.say(f"early stopping: {name} did not improve for {patience} evaluations")
                     break
