@@ -515,10 +515,8 @@ def build_run(
 
 
 def model_line(config: Config, model, init_line: str | None, frozen: list[str]) -> str:
-    """`model: NAME, 11.7M parameters; weights …: loaded …; new head …; frozen …`"""
-    total = sum(p.numel() for p in model.parameters())
-    parts = [f"model: {config.model.name}, {total / 1e6:.2f}M parameters"]
-    parts.append(init_line or "new (seeded) weights")
+    """`weights: …: loaded …; new head …; frozen …` (where the weights came from, what is new)."""
+    parts = [init_line or "new, seeded"]
     if frozen:
         count = sum(p.numel() for name, p in model.named_parameters() if name in set(frozen))
         until = config.train.unfreeze_epoch
@@ -526,7 +524,7 @@ def model_line(config: Config, model, init_line: str | None, frozen: list[str]) 
             f"frozen: {len(frozen)} tensors ({count / 1e6:.2f}M)"
             + (f" until epoch {until}" if until else " for the whole run")
         )
-    return "; ".join(parts)
+    return "weights: " + "; ".join(parts)
 
 
 class Unfreeze(Callback):
