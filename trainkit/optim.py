@@ -6,7 +6,9 @@ signature of the torch class, so a typo fails before any data is loaded.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -55,12 +57,30 @@ LOSSES: dict[str, tuple[type[nn.Module], bool]] = {
 _TENSOR_LOSS_ARGS = {"weight", "pos_weight"}
 
 
-def _check_kwargs(section: str, owner: str, kwargs: dict, valid: list[str]) -> None:
+def _check_kwargs(
+    section: str, owner: str, kwargs: dict, valid: list[str], own: tuple[str, ...] = ()
+) -> None:
+    """Unknown keys fail; the suggestion and the list include the section's own keys (e.g.
+    sched.warmup_epochs) beside the arguments of the chosen class."""
     for key in kwargs:
         if key not in valid:
+            choices = list(valid) + [k for k in own if k not in valid]
+            close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ";"
             raise ConfigError(
-                f"{section}.{key}", f"not an argument of {owner}; valid: {', '.join(valid) or 'none'}"
+                f"{section}.{key}", f"not an argument of {owner}{hint} valid: {', '.join(choices) or 'none'}"
             )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _culprit(section: str, kwargs: dict, error: Exception) -> str:
+    """The dotted key an error message names (torch says "argument 'label_smoothing'…")."""
+    text = str(error)
+    named = [key for key in kwargs if f"'{key}'" in text or f" {key} " in f" {text} "]
+    return f"{section}.{named[0]}" if named else section
 
 
 def _loss_arg_names(cls: type) -> list[str]:
@@ -77,13 +97,16 @@ def build_loss(section: LossConfig, num_classes: int) -> nn.Module:
     _check_kwargs("loss", section.name, kwargs, _loss_arg_names(cls))
     for key in _TENSOR_LOSS_ARGS & kwargs.keys():
         value = kwargs[key]
-        if not isinstance(value, list) or len(value) != num_classes:
-            raise ConfigError(f"loss.{key}", f"expected a list of {num_classes} numbers (one per class)")
+        if not isinstance(value, list) or len(value) != num_classes or not all(map(_is_number, value)):
+            raise ConfigError(
+                f"loss.{key}",
+                f"expected a list of {num_classes} finite numbers (one per class), got {value!r}",
+            )
         kwargs[key] = torch.tensor(value, dtype=torch.float32)
     try:
         loss = cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError("loss", f"cannot build {section.name}: {error}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(_culprit("loss", kwargs, error), f"cannot build {section.name}: {error}") from None
     return loss if takes_labels else OneHotLoss(loss, num_classes)
 
 
@@ -124,7 +147,7 @@ def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError("optim", f"cannot build {section.name}: {error}") from None
+        raise ConfigError(_culprit("optim", kwargs, error), f"cannot build {section.name}: {error}") from None
 
 
 # --------------------------------------------------------------------------- schedulers
@@ -211,9 +234,12 @@ def build_scheduler(
         raise ConfigError("sched.name", unknown_choice("scheduler", section.name, SCHEDULERS))
     cls, filled, in_epochs = SCHEDULERS[section.name]
     kwargs = section.kwargs
+    own = tuple(key for key in SchedConfig.model_fields if key != "name")
     if cls is not None:
         valid = [p for p in inspect.signature(cls).parameters if p not in _SCHED_COMMON | filled]
-        _check_kwargs("sched", section.name, kwargs, valid)
+        _check_kwargs("sched", section.name, kwargs, valid, own)
+    elif kwargs:
+        _check_kwargs("sched", section.name, kwargs, [], own)
     total_steps = max(1, steps_per_epoch * epochs)
     warmup_steps = int(round(section.warmup_epochs * steps_per_epoch))
     if section.name == "onecycle" and warmup_steps:
@@ -222,6 +248,13 @@ def build_scheduler(
 
     for key in in_epochs & kwargs.keys():
         value = kwargs[key]
+        if key == "milestones":
+            if not isinstance(value, list) or not all(_is_number(m) and m >= 0 for m in value):
+                raise ConfigError(
+                    "sched.milestones", f"expected a list of epochs, e.g. [30, 60] (got {value!r})"
+                )
+        elif not _is_number(value) or value <= 0:
+            raise ConfigError(f"sched.{key}", f"expected a number of epochs > 0 (got {value!r})")
         if key == "milestones":
             kwargs[key] = [int(round(m * steps_per_epoch)) for m in value]
         else:
@@ -245,8 +278,8 @@ def build_scheduler(
         warmup = None
         if warmup_steps:
             warmup = S.LinearLR(optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps)
-    except (TypeError, ValueError) as error:
-        raise ConfigError("sched", f"cannot build {section.name}: {error}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(_culprit("sched", kwargs, error), f"cannot build {section.name}: {error}") from None
 
     if isinstance(main, S.ReduceLROnPlateau):
         return LRSchedule(optimizer, warmup, plateau=main, warmup_steps=warmup_steps)
@@ -265,8 +298,8 @@ def check_named_sections(loss: LossConfig, optim: OptimConfig, sched: SchedConfi
     loss_fn = build_loss(loss, num_classes=classes)
     try:  # some arguments (label_smoothing, p) are only checked when the loss runs
         loss_fn(torch.zeros(2, classes), torch.zeros(2, dtype=torch.int64))
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError("loss", f"{loss.name}: {error}") from None
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ConfigError(_culprit("loss", loss.kwargs, error), f"{loss.name}: {error}") from None
     param = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) take only matrices
     optimizer = build_optimizer(optim, [param])
     build_scheduler(sched, optimizer, steps_per_epoch=10, epochs=2)

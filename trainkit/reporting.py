@@ -124,8 +124,10 @@ class Reporter:
             self.bar = None
         if not self.enabled:
             return
+        from trainkit.checkpoint import open_append
+
         new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as handle:
+        with open_append(self.csv_path) as handle:
             writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainkit import __version__
-from trainkit.checkpoint import FORMAT_VERSION, load_checkpoint, remove_stale_temp_files
+from trainkit.checkpoint import FORMAT_VERSION, atomic_write_text, load_checkpoint, remove_stale_temp_files
 from trainkit.config import Config, dump_config
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.reporting import Reporter, say, warn
@@ -21,11 +21,16 @@ from trainkit.reporting import Reporter, say, warn
 def check_config(config: Config) -> None:
     """Every name and keyword argument checked against its registry; nothing is built."""
     from trainkit.data.datasets import check_dataset_name
-    from trainkit.models import check_model_name_and_kwargs
+    from trainkit.models import check_model_builds, check_model_name_and_kwargs
     from trainkit.optim import check_named_sections
 
     check_dataset_name(config.data.name)
     check_model_name_and_kwargs(config.model.name, config.model.kwargs)
+    model = config.model
+    # sizes the data will decide are stood in for: this checks the arguments, not the data
+    check_model_builds(
+        model.name, model.kwargs, model.num_classes or 10, model.in_channels or 3, model.input_size or 64
+    )
     check_named_sections(config.loss, config.optim, config.sched)
     if config.model.in_channels not in (None, 1, 3) and config.data.channels is None:
         raise ConfigError("model.in_channels", "images have 1 or 3 channels; set data.channels")
@@ -196,7 +201,12 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     if placement.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(checkpoint_dir)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        try:
+            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        except OSError as error:
+            raise TrainkitError(
+                f"cannot write {run_dir / 'config.yaml'}: {error.strerror or error}"
+            ) from None
         say(f"run directory: {run_dir}")
         say(
             f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
