@@ -225,7 +225,7 @@ def _what_is(head: bytes) -> str:
             return kind
     if len(head) >= 9 and head[8:9] == b"{":
         return "a safetensors file (weights only, no trainkit metadata)"
-    if head[:1] in (b"{", b"#") or head[:4].isascii() and head[:4].isprintable():
+    if head[:8].isascii() and head[:8].decode("ascii").strip().isprintable():
         return "a text file"
     return "unknown contents"
 
