@@ -120,17 +120,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     dir_fd = _open_directory(path.parent)
     try:
         _refuse_link_at(dir_fd, path.name, path)
-        while True:
-            tmp = temp_path_for(path).name
-            try:
-                fd = os.open(
-                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=dir_fd
-                )
-                break
-            except FileExistsError:  # 64 random bits: only a planted name gets here
-                continue
+        tmp = temp_path_for(path).name
+
+        def opener(_: str, flags: int) -> int:  # "x" mode: O_CREAT | O_EXCL; never a link
+            return os.open(tmp, flags | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=dir_fd)
+
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with open(path.parent / tmp, "xb", opener=opener) as handle:
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())

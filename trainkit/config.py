@@ -61,8 +61,8 @@ class RunConfig(Section):
     @classmethod
     def _one_path_component(cls, value: str) -> str:
         # The run directory is <out_dir>/<name>: a name must never climb out of out_dir.
-        if value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
-            raise ValueError("must be one folder name (not empty, '.', '..', no slash or NUL)")
+        if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable():
+            raise ValueError("must be one folder name (not empty, '.', '..', no slash or control character)")
         if len(value) > MAX_RUN_NAME_CHARS:
             raise ValueError(f"longer than {MAX_RUN_NAME_CHARS} characters")
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,10 @@ class Reporter:
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            log_dir = run_dir / "tensorboard"
+            if log_dir.is_symlink():  # never write event files through a planted link
+                raise OSError(errno.ELOOP, "refusing to write through a symbolic link", str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir))
         self.csv_path = run_dir / "metrics.csv"
 
     # ---- per step

@@ -422,9 +422,10 @@ class Trainer:
 def link_or_copy(source: Path, target: Path) -> None:
     """Point `target` at `source`'s current bytes atomically. A hard link shares the inode, and
     the next save of `source` replaces its inode, so `target` keeps this version."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    from trainkit.checkpoint import temp_path_for
+
+    tmp = temp_path_for(target)  # unguessable; os.link creates it exclusively
     try:
-        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:  # no hard links here (some network filesystems): a full copy
