@@ -170,10 +170,13 @@ def test_eval_never_writes_where_the_checkpoint_says(cli, best, tmp_path):
 
 # --------------------------------------------------------------------------- 3. bounded input
 
+# ~400 bytes that expand to 9**9 strings where free keyword arguments are allowed
 BOMB = "\n".join(
     [
-        'a: &a ["x","x","x","x","x","x","x","x","x"]',
-        *(f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")),
+        "model:",
+        "  name: torchvision.resnet18",
+        '  a: &a ["x","x","x","x","x","x","x","x","x"]',
+        *(f"  {n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")),
     ]
 )
 
@@ -236,13 +239,15 @@ def test_state_dict_mismatch_names_the_keys(cli, best, tmp_path):
 
 
 def test_zip_entries_that_expand_are_refused_unread(best, tmp_path):
+    state = torch.load(best, weights_only=True)
+    state["padding"] = torch.zeros(10 << 20)  # 40 MB of zeros: deflates to ~40 KB
+    torch.save(state, tmp_path / "plain.pt")
     bomb = tmp_path / "bomb.pt"
-    with zipfile.ZipFile(best) as source, zipfile.ZipFile(bomb, "w") as target:
+    with zipfile.ZipFile(tmp_path / "plain.pt") as source, zipfile.ZipFile(bomb, "w") as target:
         for entry in source.infolist():
-            target.writestr(entry, source.read(entry))
-        target.writestr("tiny/data/99", b"\0" * (40 << 20), compress_type=zipfile.ZIP_DEFLATED)
-    assert bomb.stat().st_size < 2 << 20
-    with pytest.raises(TrainkitError, match="expand"):
+            target.writestr(entry.filename, source.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(TrainkitError, match=r"entries expand to 42 MB from 0\.\d MB on disk"):
         load_checkpoint(bomb)
 
 
