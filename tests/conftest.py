@@ -50,9 +50,24 @@ def cli(tmp_path, monkeypatch):
     runner = CliRunner()
 
     def run(*args: str) -> Result:
-        return Result(runner.invoke(app, [str(a) for a in args]))
+        result = runner.invoke(app, [str(a) for a in args])
+        if _from_keyboard_interrupt(result.exception):
+            # a Ctrl-C meant for pytest: the in-process CLI (typer) turned it into exit 130;
+            # pytest must stop, not read it as one test's result
+            raise KeyboardInterrupt
+        return Result(result)
 
     return run
+
+
+def _from_keyboard_interrupt(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_config(

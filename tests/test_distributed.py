@@ -222,7 +222,7 @@ def test_srun_tasks_become_ranks(reference):
     [("node7", "node7"), ("gpu[07-09,12],cpu1", "gpu07"), ("a[3,5]-ib", "a3-ib"), ("x1,y[1-2]", "x1")],
 )
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
-    from trainkit.runtime import adopt_slurm_environment, first_host
+    from trainkit.runtime import first_host, slurm_environment
 
     assert first_host(nodelist) == host
     environ = {
@@ -232,10 +232,12 @@ def test_first_host_of_a_slurm_nodelist(nodelist, host):
         "SLURM_STEP_NODELIST": nodelist,
         "SLURM_JOB_ID": "123",
     }
-    assert adopt_slurm_environment(environ)
-    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert environ["MASTER_ADDR"] == host and environ["MASTER_PORT"] == "20123"
-    assert not adopt_slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"})  # sbatch, no srun
+    before = dict(environ)
+    ranks = slurm_environment(environ)
+    assert environ == before  # the environment is read, never rewritten
+    assert (ranks["RANK"], ranks["WORLD_SIZE"], ranks["LOCAL_RANK"]) == ("3", "4", "1")
+    assert ranks["MASTER_ADDR"] == host and ranks["MASTER_PORT"] == "20123"
+    assert not slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"})  # sbatch, no srun
 
 
 # A rank that fails: sitecustomize (imported by every Python process on PYTHONPATH) makes

@@ -12,7 +12,7 @@ from PIL import Image
 
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
-from trainkit.data.loader import BatchTransform, crop_and_flip
+from trainkit.data.augment import BatchTransform, crop_and_flip
 from trainkit.data.preprocess import Preprocess
 from trainkit.models import build_model
 from trainkit.runtime import unwrap_model
@@ -188,8 +188,8 @@ def test_dataparallel_checkpoint_has_no_module_prefix(tmp_path):
     state = {
         "format_version": 1,
         "model": wrapped.state_dict(),
-        "preprocess": {},
-        "classes": [],
+        "preprocess": {"channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "classes": [f"c{i}" for i in range(10)],  # every field is validated on load
         "config": {},
         "model_spec": {"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32},
     }

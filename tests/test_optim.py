@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from trainkit.config import LossConfig, OptimConfig, SchedConfig
+from trainkit.errors import ConfigError
 from trainkit.optim import (
     LOSSES,
     SCHEDULERS,
@@ -49,9 +50,16 @@ def test_loss_options():
 def test_every_optimizer_steps(name):
     model, x, y = _tiny_problem()
     before = model.weight.detach().clone()
-    kwargs = {"lr": 0.01} if name not in ("lbfgs",) else {}
-    params = [model.weight] if name == "muon" else model.parameters()  # muon: matrices only
-    optimizer = build_optimizer(OptimConfig(name=name, **kwargs), params)
+    if name == "lbfgs":  # needs a closure that re-runs the loss: refused when the config is checked
+        with pytest.raises(ConfigError, match="optim.name: lbfgs re-evaluates the loss"):
+            build_optimizer(OptimConfig(name=name), model)
+        return
+    kwargs = {"lr": 0.01}
+    owner = model
+    if name == "muon":  # matrices only: a module holding just the weight
+        owner = nn.Module()
+        owner.weight = model.weight
+    optimizer = build_optimizer(OptimConfig(name=name, **kwargs), owner)
 
     def closure():
         optimizer.zero_grad()

@@ -44,10 +44,16 @@ def test_optimizer_arguments_are_checked_before_anything_runs(cli, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.fixture
-def trained(cli, tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real 4-epoch run shared by the eval / predict tests of this module (they only read it)."""
+    from typer.testing import CliRunner
+
+    from trainkit.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
     config = write_config(
-        tmp_path,
+        root,
         {
             "train": {"epochs": 4},
             "model": {"name": "lenet", "hidden_sizes": None},
@@ -58,9 +64,9 @@ def trained(cli, tmp_path):
     )
     text = config.read_text().replace("  hidden_sizes: null\n", "").replace("  momentum: null\n", "")
     config.write_text(text)
-    result = cli("train", config)
-    assert result.exit_code == 0, result
-    return tmp_path / "runs" / "tiny" / "checkpoints" / "best.pt"
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return root / "runs" / "tiny" / "checkpoints" / "best.pt"
 
 
 def test_eval_json_and_table(cli, trained):
@@ -110,7 +116,7 @@ def _image_in_mode(mode: str, path):
     return int(labels[0])
 
 
-def test_predict_lines_json_and_errors(cli, trained, tmp_path):
+def test_predict_lines_json_and_errors(cli, trained, tmp_path, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()
     for mode in ("RGB", "L", "LA", "RGBA", "P", "I;16"):
@@ -131,6 +137,7 @@ def test_predict_lines_json_and_errors(cli, trained, tmp_path):
         assert len(record["topk"]) == 3 and record["topk"][0]["label"] == record["label"]
         assert 0 < record["prob"] <= 1
 
+    monkeypatch.chdir(trained.parents[3])  # where the run's runs/ folder is
     plain = cli("predict", str(folder / "img_RGB.png"), str(folder / "img_L*.png"))  # default: newest best.pt
     assert plain.exit_code == 0, plain
     lines = plain.stdout.splitlines()

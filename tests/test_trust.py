@@ -353,7 +353,7 @@ def test_debug_keeps_the_signal_exit_code(monkeypatch):
     import typer
 
     from trainkit.cli import _run
-    from trainkit.trainer import Interrupted
+    from trainkit.errors import Interrupted
 
     monkeypatch.setenv("TRAINKIT_DEBUG", "yes")
 
@@ -361,7 +361,7 @@ def test_debug_keeps_the_signal_exit_code(monkeypatch):
         raise Interrupted(15)
 
     with pytest.raises(typer.Exit) as info:
-        _run(stopped)
+        _run(stopped, None)
     assert info.value.exit_code == 143
 
 

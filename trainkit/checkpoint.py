@@ -18,6 +18,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import stat
 import warnings
 import zipfile
@@ -27,7 +28,8 @@ from typing import IO, Any
 
 import torch
 
-from trainkit.errors import TrainkitError
+from trainkit.callbacks import Callback
+from trainkit.errors import NonFiniteLoss, TrainkitError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "model_spec", "preprocess", "classes", "config")
@@ -179,12 +181,56 @@ def open_append(path: str | Path) -> IO[str]:
     return os.fdopen(fd, "a", newline="", encoding="utf-8")
 
 
+def save_error(path: Path, error: OSError) -> TrainkitError:
+    """The one wording of a failed checkpoint write."""
+    return TrainkitError(f"could not save checkpoint {path}: {error.strerror or error}")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:
         atomic_save(state, path)
     except OSError as error:
-        raise TrainkitError(f"could not save checkpoint {path}: {error.strerror or error}") from None
+        raise save_error(path, error) from error
+    except RuntimeError as error:  # torch's zip writer, broken off by a KeyboardInterrupt
+        if isinstance(error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from error
+        raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Point `target` at `source`'s current bytes atomically, under the same rules as
+    `atomic_write`: a hard link (shares the inode; the next save of `source` replaces its inode,
+    so `target` keeps this version) made at an unguessable temp name and renamed over `target`;
+    where hard links are not possible, a full copy through `atomic_write`."""
+    target = Path(target)
+    try:
+        dir_fd = _open_directory(target.parent)
+        try:
+            _refuse_link_at(dir_fd, target.name, target)
+            tmp = temp_path_for(target).name
+            try:
+                os.link(source, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)  # exclusive
+            except OSError:  # no hard links here (some network filesystems): a full copy
+                with open(source, "rb") as original:
+                    atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+                return
+            try:
+                os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                raise
+            try:
+                os.fsync(dir_fd)
+            except OSError:
+                pass
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
+        raise save_error(target, error) from error
 
 
 # --------------------------------------------------------------------------- reading files
@@ -429,3 +475,79 @@ def build_model_from_checkpoint(state: dict[str, Any], path: str | Path = "check
         first = str(error).strip().splitlines()[-1].strip()
         raise TrainkitError(f"{path}: weights do not fit the model: {first}") from None
     return model
+
+
+# --------------------------------------------------------------------------- the writer policy
+
+
+class CheckpointWriter(Callback):
+    """Which checkpoints a run keeps (a callback, given to the main process only):
+
+    - `last.pt` after every epoch and when a stop is requested: where a resume starts;
+    - `best.pt` whenever the monitored metric improved;
+    - `epoch-<N>.pt` for the `top_k` best evaluated epochs and every `every_epochs` epochs.
+
+    The extra files are hard links to `last.pt` where the filesystem allows, so they cost no
+    space until `last.pt` moves on. A checkpoint with non-finite weights is never written.
+    """
+
+    state_key = "checkpoint_writer"
+
+    def __init__(self, directory: Path, *, top_k: int = 0, every_epochs: int | None = None):
+        self.directory, self.top_k, self.every_epochs = directory, top_k, every_epochs
+        self.ranked: list[tuple[float, int]] = []  # (monitored value, epoch) of the kept top-k
+
+    @property
+    def last(self) -> Path:
+        return self.directory / "last.pt"
+
+    def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
+        epoch = int(row["epoch"])
+        value = row.get(trainer.monitor.name)
+        dropped = self._rank(trainer.monitor, value, epoch) if value is not None else []
+        self.save_last(trainer)
+        if trainer.state.best_epoch == epoch:  # improved at this epoch
+            link_or_copy(self.last, self.directory / "best.pt")
+        if self._keeps(epoch):
+            link_or_copy(self.last, self.epoch_path(epoch))
+        for gone in dropped:
+            if not self._keeps(gone):
+                self.epoch_path(gone).unlink(missing_ok=True)
+
+    def on_interrupt(self, trainer) -> None:
+        self.save_last(trainer)
+        s = trainer.state
+        trainer.console.say(
+            f"saved {self.last} at epoch {s.epoch + 1}, step {s.global_step}; continue with --resume"
+        )
+
+    def save_last(self, trainer) -> None:
+        state = trainer.checkpoint_state()
+        for value in state["model"].values():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteLoss("model weights are not finite; refusing to write a checkpoint")
+        save_checkpoint(state, self.last)
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.directory / f"epoch-{epoch}.pt"
+
+    def _keeps(self, epoch: int) -> bool:
+        every = self.every_epochs and epoch % self.every_epochs == 0
+        return bool(every) or any(kept == epoch for _, kept in self.ranked)
+
+    def _rank(self, monitor, value: float, epoch: int) -> list[int]:
+        """Enter this epoch's value into the top-k; → the epochs that fell out."""
+        if not self.top_k or math.isnan(value):
+            return []
+        self.ranked.append((float(value), epoch))
+        # best first; among equal values the earlier epoch
+        self.ranked.sort(key=lambda item: (-item[0] if monitor.mode == "max" else item[0], item[1]))
+        dropped = [kept for _, kept in self.ranked[self.top_k :]]
+        del self.ranked[self.top_k :]
+        return dropped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranked": [[value, epoch] for value, epoch in self.ranked]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ranked = [(float(value), int(epoch)) for value, epoch in state.get("ranked", [])]

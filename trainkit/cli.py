@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -31,20 +32,36 @@ def _one_line(error: BaseException) -> str:
     from trainkit.text import escape
 
     message = str(error).strip()
-    if not hasattr(error, "exit_code") and not hasattr(error, "signum"):
+    if not hasattr(error, "exit_code"):
         first = next((line.strip() for line in message.splitlines() if line.strip()), "")
         message = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return escape(message) if message else type(error).__name__
 
 
-def _run(verb) -> None:
+def _owns_process(ctx: typer.Context) -> bool:
+    """Is this the `trainkit` process itself (main()), rather than a CLI call inside another
+    program (a test runner)? Only the owner handles SIGINT/SIGTERM and turns Ctrl-C into exit
+    130; inside another program they stay that program's."""
+    return isinstance(ctx.obj, dict) and bool(ctx.obj.get("owns_process"))
+
+
+def _started(ctx: typer.Context) -> float | None:
+    """When main() started (a time.perf_counter() value), if it did."""
+    return ctx.obj.get("started") if isinstance(ctx.obj, dict) else None
+
+
+def _run(verb, ctx: typer.Context) -> None:
     """Call a verb; a non-zero int it returns, and known failures (as one line), become the
     exit code."""
+    from trainkit.errors import Interrupted
+
     try:
         code = verb()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
+        if not _owns_process(ctx):
+            raise
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
@@ -59,7 +76,7 @@ def _run(verb) -> None:
             traceback.print_exc()
         line = _one_line(error)
         # a stop on request (checkpoint saved) is not an error
-        print(line if hasattr(error, "signum") else f"error: {line}", file=sys.stderr)
+        print(line if isinstance(error, Interrupted) else f"error: {line}", file=sys.stderr)
         raise typer.Exit(code) from error
     if code:
         raise typer.Exit(code)
@@ -103,47 +120,71 @@ def _options(
         os.environ["TRAINKIT_DEBUG"] = "1"
 
 
+def _train_words(words: list[str], resume: bool) -> tuple[str | None, str | None]:
+    """train's words that are not overrides → (CONFIG, RUN_DIR or CHECKPOINT to resume)."""
+    if not resume:
+        if not words:
+            _usage("missing CONFIG (a YAML file)")
+        if len(words) > 1:
+            _usage(f"unexpected argument '{words[1]}' (overrides are key=value or ~key)")
+        return words[0], None
+    configs = [w for w in words if Path(w).suffix.lower() in (".yaml", ".yml")]
+    targets = [w for w in words if w not in configs]
+    if len(configs) > 1 or len(targets) > 1:
+        _usage("--resume takes at most one CONFIG (.yaml) and one RUN_DIR or CHECKPOINT")
+    return (configs or [None])[0], (targets or [None])[0]
+
+
 @app.command()
 def train(
-    args: list[str] = typer.Argument(
-        ...,
-        metavar="CONFIG [KEY=VALUE]... [CHECKPOINT]",
-        help="YAML config, then overrides such as optim.lr=0.01.",
+    ctx: typer.Context,
+    args: list[str] | None = typer.Argument(
+        None,
+        metavar="[CONFIG] [KEY=VALUE]... [RUN_DIR | CHECKPOINT]",
+        help="YAML config (optional with --resume), then overrides such as optim.lr=0.01.",
     ),
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue a run: from CHECKPOINT if given, else the run's newest checkpoints/last.pt.",
+        help="Continue a run: RUN_DIR or CHECKPOINT if given, else the newest run named run.name. "
+        "The config comes from the checkpoint; only train.epochs, data location/cache/workers, "
+        "device/parallel, log.* and data.eval_batch_size may change.",
     ),
     nproc: int | None = typer.Option(
         None, "--nproc", min=1, help="Start N DDP processes on this machine (torch.distributed.run)."
     ),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
-    config_path, overrides, others = _split_args(args)
-    if others and not resume:
-        _usage(f"unexpected argument '{others[0]}' (overrides are key=value or ~key)")
-    if len(others) > 1:
-        _usage("give at most one checkpoint to --resume")
+    overrides = [a for a in args or [] if _is_override(a)]
+    words = [a for a in args or [] if not _is_override(a)]
+    config_path, target = _train_words(words, resume)
 
     def verb():
         from trainkit.config import load_config
 
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides) if config_path else None
         if nproc:
             from trainkit.launch import launch_local
 
-            forwarded = ["train", config_path, *overrides, *others, "train.parallel=ddp"]
+            forwarded = ["train", *words, *overrides, "train.parallel=ddp"]
             return launch_local(nproc, forwarded + (["--resume"] if resume else []))
         from trainkit.train import run_train
 
-        run_train(config, resume=resume, resume_path=others[0] if others else None)
+        run_train(
+            config,
+            overrides=overrides,
+            resume=resume,
+            resume_path=target,
+            started=_started(ctx),
+            handle_signals=_owns_process(ctx),
+        )
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="A checkpoint file (e.g. runs/x/checkpoints/best.pt)."),
     overrides: list[str] | None = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.root=/other/data."
@@ -162,11 +203,12 @@ def evaluate(
 
         print_metrics(run_eval(checkpoint, overrides or [], split, device), as_json)
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders or globs."),
     checkpoint: str | None = typer.Option(
         None, "-c", "--checkpoint", help="Checkpoint; default: the newest runs/**/checkpoints/best.pt."
@@ -182,11 +224,12 @@ def predict(
 
         return run_predict(inputs, checkpoint, topk, as_json, device)
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 @app.command()
 def config(
+    ctx: typer.Context,
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
     ),
@@ -204,7 +247,7 @@ def config(
         check_config(resolved)
         sys.stdout.write(dump_config(resolved))
 
-    _run(verb)
+    _run(verb, ctx)
 
 
 def _usage(message: str) -> None:
@@ -215,7 +258,9 @@ def _usage(message: str) -> None:
 
 
 def main() -> None:
-    app()
+    import time
+
+    app(obj={"owns_process": True, "started": time.perf_counter()})
 
 
 if __name__ == "__main__":

@@ -184,6 +184,12 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="what a NaN/inf loss does: stop the run or skip the step"
     )
+    save_top_k: NonNegativeInt = Field(
+        0, description="also keep the k best evaluated epochs as checkpoints/epoch-<N>.pt (0 = best.pt only)"
+    )
+    save_every_epochs: PositiveInt | None = Field(
+        None, description="also keep checkpoints/epoch-<N>.pt every N epochs (null = never)"
+    )
 
     @field_validator("precision", mode="before")
     @classmethod

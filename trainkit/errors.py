@@ -33,3 +33,24 @@ def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> str:
     hint = f"; did you mean '{close[0]}'?" if close else ";"
     shown = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", …"
     return f"unknown {kind} '{value}'{hint} choices: {shown}"
+
+
+class NonFiniteLoss(TrainkitError):
+    """A NaN/inf loss or weights (train.on_nonfinite), or a run in which no step was taken."""
+
+
+class RunLocked(TrainkitError):
+    """Another process holds the run directory's lock."""
+
+
+class Interrupted(Exception):
+    """A run stopped on request (SIGINT/SIGTERM) at a step boundary, its checkpoint saved.
+
+    Not an error: the CLI prints the message as is and exits 128 + signal number."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")

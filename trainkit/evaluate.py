@@ -26,7 +26,7 @@ def config_without_write_locations(checkpoint_config: dict[str, Any]) -> dict[st
 
 def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "auto") -> dict[str, Any]:
     from trainkit.data.datasets import build_splits
-    from trainkit.data.pipeline import BatchTransform, make_source, use_memory
+    from trainkit.data.pipeline import BatchTransform, check_parts, fits_in_memory, make_source
     from trainkit.data.preprocess import Preprocess
     from trainkit.optim import build_loss
     from trainkit.trainer import evaluate
@@ -49,9 +49,17 @@ def run_eval(checkpoint: str, overrides: list[str], split: str, device: str = "a
             f"({', '.join(classes[:5])}…)"
         )
     part = splits.get(split)
-    in_memory = use_memory(config.data, [part], preprocess.channels, preprocess.image_size)
+    in_memory = fits_in_memory(config.data, [part], preprocess.channels, preprocess.image_size)
+    if not in_memory:
+        check_parts([part])
     source = make_source(
-        part, in_memory, config.data.eval_batch_size, 0, False, target, config.data.num_workers
+        part,
+        in_memory=in_memory,
+        batch_size=config.data.eval_batch_size,
+        seed=0,
+        shuffle=False,
+        device=target,
+        num_workers=config.data.num_workers,
     )
     model = build_model_from_checkpoint(state, checkpoint).to(target)
     num_classes = int(state["model_spec"]["num_classes"])

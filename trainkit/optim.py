@@ -10,6 +10,8 @@ import difflib
 import inspect
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -106,7 +108,7 @@ def build_loss(section: LossConfig, num_classes: int) -> nn.Module:
     try:
         loss = cls(**kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(_culprit("loss", kwargs, error), f"cannot build {section.name}: {error}") from None
+        raise ConfigError(_culprit("loss", kwargs, error), f"cannot build {section.name}: {error}") from error
     return loss if takes_labels else OneHotLoss(loss, num_classes)
 
 
@@ -128,10 +130,26 @@ def optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
     }
 
 
-def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
+# Optimizers whose step() must call back into the model (a closure that recomputes the loss):
+# the trainer steps once per accumulation window on a loss it already has.
+_CLOSURE_OPTIMIZERS = {
+    "lbfgs": "lbfgs re-evaluates the loss several times per step through a closure, "
+    "which mini-batch training with accumulation does not do; use sgd, adam or adamw"
+}
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one group of every trainable parameter (the place for
+    per-group lr or no-decay groups)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def build_optimizer(section: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     registry = optimizer_registry()
     if section.name not in registry:
         raise ConfigError("optim.name", unknown_choice("optimizer", section.name, registry))
+    if section.name in _CLOSURE_OPTIMIZERS:
+        raise ConfigError("optim.name", _CLOSURE_OPTIMIZERS[section.name])
     cls = registry[section.name]
     kwargs = section.kwargs
     _check_kwargs(
@@ -145,23 +163,71 @@ def build_optimizer(section: OptimConfig, params) -> torch.optim.Optimizer:
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"optim.{key}", f"must be >= 0 (got {value!r})")
     try:
-        return cls(params, **kwargs)
+        return cls(parameter_groups(model), **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(_culprit("optim", kwargs, error), f"cannot build {section.name}: {error}") from None
+        raise ConfigError(
+            _culprit("optim", kwargs, error), f"cannot build {section.name}: {error}"
+        ) from error
 
 
 # --------------------------------------------------------------------------- schedulers
 
 S = torch.optim.lr_scheduler
-# name → (class, kwargs that trainkit fills in itself, kwargs given in epochs)
-SCHEDULERS: dict[str, tuple[type | None, set[str], set[str]]] = {
-    "none": (None, set(), set()),
-    "step": (S.StepLR, set(), {"step_size"}),
-    "multistep": (S.MultiStepLR, set(), {"milestones"}),
-    "cosine": (S.CosineAnnealingLR, set(), {"T_max"}),
-    "onecycle": (S.OneCycleLR, {"total_steps", "epochs", "steps_per_epoch"}, set()),
-    "exponential": (S.ExponentialLR, set(), set()),
-    "plateau": (S.ReduceLROnPlateau, {"mode"}, set()),
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """What a schedule's arguments are computed from: optimizer steps, not epochs."""
+
+    steps_per_epoch: int  # optimizer steps (after gradient accumulation)
+    total_steps: int
+    warmup_steps: int
+    monitor_mode: str  # "max" | "min", for plateau
+
+
+@dataclass(frozen=True)
+class SchedulerEntry:
+    """A registry row: the torch class, the arguments trainkit fills in itself (not the user's),
+    those given in epochs (converted to steps), those required, and the filling rule."""
+
+    cls: type | None
+    filled: frozenset[str] = frozenset()
+    in_epochs: frozenset[str] = frozenset()
+    required: dict[str, str] = field(default_factory=dict)  # key → what it means
+    fill: Callable[[dict[str, Any], SchedulePlan, torch.optim.Optimizer], None] = lambda kw, plan, opt: None
+
+
+def _fill_cosine(kwargs, plan, optimizer) -> None:
+    kwargs.setdefault("T_max", max(1, plan.total_steps - plan.warmup_steps))
+
+
+def _fill_exponential(kwargs, plan, optimizer) -> None:
+    kwargs["gamma"] = float(kwargs.get("gamma", 0.9)) ** (1.0 / max(1, plan.steps_per_epoch))  # per epoch
+
+
+def _fill_onecycle(kwargs, plan, optimizer) -> None:
+    kwargs.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
+    kwargs["total_steps"] = plan.total_steps
+
+
+def _fill_plateau(kwargs, plan, optimizer) -> None:
+    kwargs["mode"] = plan.monitor_mode
+
+
+SCHEDULERS: dict[str, SchedulerEntry] = {
+    "none": SchedulerEntry(None),
+    "step": SchedulerEntry(
+        S.StepLR, in_epochs=frozenset({"step_size"}), required={"step_size": "epochs between decays"}
+    ),
+    "multistep": SchedulerEntry(
+        S.MultiStepLR, in_epochs=frozenset({"milestones"}), required={"milestones": "epochs"}
+    ),
+    "cosine": SchedulerEntry(S.CosineAnnealingLR, in_epochs=frozenset({"T_max"}), fill=_fill_cosine),
+    "onecycle": SchedulerEntry(
+        S.OneCycleLR, filled=frozenset({"total_steps", "epochs", "steps_per_epoch"}), fill=_fill_onecycle
+    ),
+    "exponential": SchedulerEntry(S.ExponentialLR, fill=_fill_exponential),
+    "plateau": SchedulerEntry(S.ReduceLROnPlateau, filled=frozenset({"mode"}), fill=_fill_plateau),
 }
 _SCHED_COMMON = {"optimizer", "last_epoch", "verbose"}
 
@@ -222,6 +288,16 @@ class LRSchedule:
             self.plateau.load_state_dict(state["plateau"])
 
 
+def _epochs_to_steps(key: str, value: Any, steps_per_epoch: int) -> Any:
+    if key == "milestones":
+        if not isinstance(value, list) or not all(_is_number(m) and m >= 0 for m in value):
+            raise ConfigError("sched.milestones", f"expected a list of epochs, e.g. [30, 60] (got {value!r})")
+        return [int(round(m * steps_per_epoch)) for m in value]
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"sched.{key}", f"expected a number of epochs > 0 (got {value!r})")
+    return max(1, int(round(value * steps_per_epoch)))
+
+
 def build_scheduler(
     section: SchedConfig,
     optimizer: torch.optim.Optimizer,
@@ -232,55 +308,35 @@ def build_scheduler(
     """steps_per_epoch counts optimizer steps (after gradient accumulation)."""
     if section.name not in SCHEDULERS:
         raise ConfigError("sched.name", unknown_choice("scheduler", section.name, SCHEDULERS))
-    cls, filled, in_epochs = SCHEDULERS[section.name]
+    entry = SCHEDULERS[section.name]
     kwargs = section.kwargs
     own = tuple(key for key in SchedConfig.model_fields if key != "name")
-    if cls is not None:
-        valid = [p for p in inspect.signature(cls).parameters if p not in _SCHED_COMMON | filled]
+    if entry.cls is not None:
+        valid = [p for p in inspect.signature(entry.cls).parameters if p not in _SCHED_COMMON | entry.filled]
         _check_kwargs("sched", section.name, kwargs, valid, own)
     elif kwargs:
         _check_kwargs("sched", section.name, kwargs, [], own)
+    for key, meaning in entry.required.items():
+        if key not in kwargs:
+            raise ConfigError(f"sched.{key}", f"required for '{section.name}' ({meaning})")
     total_steps = max(1, steps_per_epoch * epochs)
     warmup_steps = int(round(section.warmup_epochs * steps_per_epoch))
     if section.name == "onecycle" and warmup_steps:
         raise ConfigError("sched.warmup_epochs", "onecycle warms up by itself (use pct_start)")
     warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
-
-    for key in in_epochs & kwargs.keys():
-        value = kwargs[key]
-        if key == "milestones":
-            if not isinstance(value, list) or not all(_is_number(m) and m >= 0 for m in value):
-                raise ConfigError(
-                    "sched.milestones", f"expected a list of epochs, e.g. [30, 60] (got {value!r})"
-                )
-        elif not _is_number(value) or value <= 0:
-            raise ConfigError(f"sched.{key}", f"expected a number of epochs > 0 (got {value!r})")
-        if key == "milestones":
-            kwargs[key] = [int(round(m * steps_per_epoch)) for m in value]
-        else:
-            kwargs[key] = max(1, int(round(value * steps_per_epoch)))
-    if section.name == "step" and "step_size" not in kwargs:
-        raise ConfigError("sched.step_size", "required for 'step' (epochs between decays)")
-    if section.name == "multistep" and "milestones" not in kwargs:
-        raise ConfigError("sched.milestones", "required for 'multistep' (epochs)")
-    if section.name == "cosine":
-        kwargs.setdefault("T_max", max(1, total_steps - warmup_steps))
-    if section.name == "exponential":
-        kwargs["gamma"] = float(kwargs.get("gamma", 0.9)) ** (1.0 / max(1, steps_per_epoch))
-    if section.name == "onecycle":
-        kwargs.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
-        kwargs["total_steps"] = total_steps
-    if section.name == "plateau":
-        kwargs["mode"] = monitor_mode
-
+    plan = SchedulePlan(steps_per_epoch, total_steps, warmup_steps, monitor_mode)
+    for key in entry.in_epochs & kwargs.keys():
+        kwargs[key] = _epochs_to_steps(key, kwargs[key], steps_per_epoch)
+    entry.fill(kwargs, plan, optimizer)
     try:
-        main = cls(optimizer, **kwargs) if cls is not None else None
+        main = entry.cls(optimizer, **kwargs) if entry.cls is not None else None
         warmup = None
         if warmup_steps:
             warmup = S.LinearLR(optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(_culprit("sched", kwargs, error), f"cannot build {section.name}: {error}") from None
-
+        raise ConfigError(
+            _culprit("sched", kwargs, error), f"cannot build {section.name}: {error}"
+        ) from error
     if isinstance(main, S.ReduceLROnPlateau):
         return LRSchedule(optimizer, warmup, plateau=main, warmup_steps=warmup_steps)
     if warmup is not None and main is not None:
@@ -299,9 +355,9 @@ def check_named_sections(loss: LossConfig, optim: OptimConfig, sched: SchedConfi
     try:  # some arguments (label_smoothing, p) are only checked when the loss runs
         loss_fn(torch.zeros(2, classes), torch.zeros(2, dtype=torch.int64))
     except (RuntimeError, ValueError, TypeError) as error:
-        raise ConfigError(_culprit("loss", loss.kwargs, error), f"{loss.name}: {error}") from None
-    param = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) take only matrices
-    optimizer = build_optimizer(optim, [param])
+        raise ConfigError(_culprit("loss", loss.kwargs, error), f"{loss.name}: {error}") from error
+    probe = nn.Linear(2, 2, bias=False)  # 2-D parameters only: some optimizers (muon) take only matrices
+    optimizer = build_optimizer(optim, probe)
     build_scheduler(sched, optimizer, steps_per_epoch=10, epochs=2)
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainkit.callbacks import Callback, StepInfo
 from trainkit.config import LogConfig
 from trainkit.runtime import is_main_process
 
@@ -26,43 +27,62 @@ METRIC_COLUMNS = [
 ]
 
 
-# Only the main process talks (errors still print on every rank, from the CLI).
+class Console:
+    """Where a run talks: results on stdout, remarks and warnings on stderr. The engine makes
+    one with `enabled=placement.is_main`, so only the main process talks (errors still print on
+    every rank, from the CLI)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def note(self, message: str) -> None:
+        """A side remark (e.g. decoding progress) on stderr, leaving stdout to results."""
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        self.note(f"warning: {message}")
+
+
+# For code that runs before a run's placement exists (data preparation, the decoded cache):
+# the launcher's RANK decides who talks.
 
 
 def say(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
+    Console(is_main_process()).say(message)
 
 
 def note(message: str) -> None:
-    """A side remark (e.g. decoding progress) on stderr, leaving stdout to results."""
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
+    Console(is_main_process()).note(message)
 
 
 def warn(message: str) -> None:
-    note(f"warning: {message}")
+    Console(is_main_process()).warn(message)
 
 
-class Reporter:
-    """Progress on screen plus metrics.csv and TensorBoard scalars in the run directory.
+class Reporter(Callback):
+    """Progress on screen plus metrics.csv and TensorBoard scalars in the run directory (a
+    callback, given to the main process only).
 
     A terminal gets rich progress bars; a pipe or file gets a plain line every
-    `every_n_steps` steps and one per epoch. A disabled Reporter (other ranks) does nothing.
+    `every_n_steps` steps and one per epoch. `started` (a time.perf_counter() value) is when the
+    command started: the first training step is reported relative to it.
     """
 
-    def __init__(self, run_dir: Path | None, log: LogConfig, epochs: int, enabled: bool = True):
-        self.enabled = enabled and run_dir is not None
-        self.log, self.epochs, self.run_dir = log, epochs, run_dir
+    def __init__(self, run_dir: Path, log: LogConfig, epochs: int, console: Console, started: float):
+        self.log, self.epochs, self.run_dir, self.console = log, epochs, run_dir, console
+        self.started = started
         self.writer = None
         self.bar = None
         self.first_step_seen = False
         mode = log.progress
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
-        self.mode = mode if self.enabled else "none"
-        if not self.enabled:
-            return
+        self.mode = mode
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -72,18 +92,10 @@ class Reporter:
             self.writer = SummaryWriter(log_dir=str(log_dir))
         self.csv_path = run_dir / "metrics.csv"
 
-    # ---- per step
-    def start_epoch(self, epoch: int, total_batches: int, start_batch: int) -> None:
-        self.epoch, self.total_batches = epoch, total_batches
-        self.last_print = time.perf_counter()
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self.epoch, self.total_batches = epoch, trainer.batches_per_epoch
         if self.mode == "rich":
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
                 TextColumn(f"epoch {epoch + 1}/{self.epochs}"),
@@ -94,50 +106,39 @@ class Reporter:
                 transient=True,
             )
             self.bar.start()
-            self.task = self.bar.add_task("train", total=total_batches, completed=start_batch, info="")
+            start = trainer.state.batch_in_epoch
+            self.task = self.bar.add_task("train", total=self.total_batches, completed=start, info="")
 
-    def step(self, batch_index: int, global_step: int, loss_fn, lr: float, images_per_s: float) -> None:
-        """`loss_fn` returns the running loss; called lazily so most steps never sync."""
+    def on_step_end(self, trainer, step: StepInfo) -> None:
+        """`step.running_loss` is called only at log points, so most steps never sync."""
         if not self.first_step_seen:
             self.first_step_seen = True
-            if self.enabled and self.mode != "none":
-                import trainkit
-
-                say(f"first training step {time.perf_counter() - trainkit.STARTED:.1f} s after start")
-        if self.mode == "rich":
-            info = ""
-            if global_step % self.log.every_n_steps == 0:
-                info = f"loss {loss_fn():.4f}  lr {lr:.3g}  {images_per_s:,.0f} img/s"
-                self.bar.update(self.task, completed=batch_index + 1, info=info)
-            else:
-                self.bar.update(self.task, completed=batch_index + 1)
-        if global_step % self.log.every_n_steps == 0 and self.enabled:
-            loss = loss_fn()
-            if self.writer is not None:
-                self.writer.add_scalar("train/loss", loss, global_step)
-                self.writer.add_scalar("train/lr", lr, global_step)
-            if self.mode == "plain":
-                say(
-                    f"epoch {self.epoch + 1}/{self.epochs}  batch {batch_index + 1}/{self.total_batches}"
-                    f"  step {global_step}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:,.0f} img/s"
+            if self.mode != "none":
+                self.console.say(
+                    f"first training step {time.perf_counter() - self.started:.1f} s after start"
                 )
-
-    def end_epoch(self, row: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-        if not self.enabled:
+        due = step.global_step % self.log.every_n_steps == 0
+        loss = step.running_loss() if due else None
+        if self.mode == "rich":
+            info = f"loss {loss:.4f}  lr {step.lr:.3g}  {step.images_per_s:,.0f} img/s" if due else None
+            extra = {"info": info} if due else {}
+            self.bar.update(self.task, completed=step.batch_index + 1, **extra)
+        if not due:
             return
-        from trainkit.checkpoint import open_append
-
-        new = not self.csv_path.exists()
-        with open_append(self.csv_path) as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
         if self.writer is not None:
-            step = row["global_step"]
+            self.writer.add_scalar("train/loss", loss, step.global_step)
+            self.writer.add_scalar("train/lr", step.lr, step.global_step)
+        if self.mode == "plain":
+            speed = f"{step.images_per_s:,.0f} img/s"
+            self.console.say(
+                f"epoch {self.epoch + 1}/{self.epochs}  batch {step.batch_index + 1}/{self.total_batches}"
+                f"  step {step.global_step}  loss {loss:.4f}  lr {step.lr:.3g}  {speed}"
+            )
+
+    def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
+        self._stop_bar()
+        self._write_row(row)
+        if self.writer is not None:
             for key in (
                 "train_loss",
                 "train_accuracy",
@@ -148,32 +149,48 @@ class Reporter:
             ):
                 if row.get(key) is not None:
                     group = "train" if key.startswith("train") or key == "images_per_s" else "val"
-                    self.writer.add_scalar(
-                        f"{group}/{key.split('_', 1)[1] if key != 'images_per_s' else key}", row[key], step
-                    )
+                    name = key.split("_", 1)[1] if key != "images_per_s" else key
+                    self.writer.add_scalar(f"{group}/{name}", row[key], row["global_step"])
             self.writer.flush()
         if self.mode != "none":
-            parts = [
-                f"epoch {row['epoch']}/{self.epochs}",
-                f"train_loss {row['train_loss']:.4f}",
-                f"train_acc {100 * row['train_accuracy']:.2f}%",
-            ]
-            if row.get("val_loss") is not None:
-                parts += [
-                    f"val_loss {row['val_loss']:.4f}",
-                    f"val_acc {100 * row['val_accuracy']:.2f}%",
-                    f"top5 {100 * row['val_top5']:.2f}%",
-                ]
-            parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
-            say("  ".join(parts))
+            self.console.say(epoch_line(row, self.epochs))
 
-    def close(self) -> None:
+    def _write_row(self, row: dict[str, Any]) -> None:
+        from trainkit.checkpoint import open_append
+
+        new = not self.csv_path.exists()
+        with open_append(self.csv_path) as handle:  # never through a link, never a FIFO
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+
+    def _stop_bar(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+    def on_teardown(self, trainer) -> None:
+        self._stop_bar()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    parts = [
+        f"epoch {row['epoch']}/{epochs}",
+        f"train_loss {row['train_loss']:.4f}",
+        f"train_acc {100 * row['train_accuracy']:.2f}%",
+    ]
+    if row.get("val_loss") is not None:
+        parts += [
+            f"val_loss {row['val_loss']:.4f}",
+            f"val_acc {100 * row['val_accuracy']:.2f}%",
+            f"top5 {100 * row['val_top5']:.2f}%",
+        ]
+    parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
+    return "  ".join(parts)
 
 
 def _fmt(value: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,10 +36,6 @@ def is_main_process() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,29 +90,32 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
-def adopt_slurm_environment(environ=os.environ) -> bool:
-    """Tasks started by `srun` (one per GPU) become DDP ranks: SLURM's task ids are mapped to
-    the variables torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
-    Only under srun (SLURM_STEP_NUM_TASKS is set for job steps), and never over torchrun's."""
+def slurm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Tasks started by `srun` (one per GPU) become DDP ranks: SLURM's task ids mapped to the
+    variables torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Only
+    under srun (SLURM_STEP_NUM_TASKS is set for job steps), and never over torchrun's: → {}.
+    The environment itself is left alone."""
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if "RANK" in environ or tasks <= 1 or "SLURM_PROCID" not in environ:
-        return False
-    environ["RANK"] = environ["SLURM_PROCID"]
-    environ["WORLD_SIZE"] = str(tasks)
-    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        return {}
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    environ.setdefault("MASTER_ADDR", first_host(nodelist))
-    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 20000))
-    return True
+    port = str(20000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
+        "MASTER_PORT": environ.get("MASTER_PORT") or port,
+    }
 
 
 def resolve_placement(device: Any, parallel: str) -> Placement:
     """Map train.device / train.parallel (and torchrun's or srun's environment) to a Placement."""
-    if parallel in ("auto", "ddp"):
-        adopt_slurm_environment()
-    world = launched_world_size()
+    slurm = slurm_environment(os.environ) if parallel in ("auto", "ddp") else {}
+    environ = {**os.environ, **slurm}
+    world = int(environ.get("WORLD_SIZE", "1"))
     if parallel == "ddp" or (parallel == "auto" and world > 1):
-        return _ddp_placement(device, world)
+        return _ddp_placement(device, environ, from_slurm=bool(slurm))
     if isinstance(device, list) or parallel == "dp":
         ids = device if isinstance(device, list) else list(range(torch.cuda.device_count()))
         for index in ids:
@@ -132,10 +132,10 @@ def resolve_placement(device: Any, parallel: str) -> Placement:
     return Placement(torch.device(device), "none")
 
 
-def _ddp_placement(device: Any, world: int) -> Placement:
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world <= 1 and "MASTER_ADDR" not in os.environ:
+def _ddp_placement(device: Any, environ: Mapping[str, str], from_slurm: bool) -> Placement:
+    rank, world = int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if world <= 1 and "MASTER_ADDR" not in environ:
         raise ConfigError("train.parallel", "ddp needs a launcher: use --nproc N or torchrun")
     use_cuda = device != "cpu" and torch.cuda.is_available()
     target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
@@ -144,8 +144,15 @@ def _ddp_placement(device: Any, world: int) -> Placement:
     if not torch.distributed.is_initialized():
         # Collectives that wait longer than this fail, so a rank lost on another node ends the
         # run instead of hanging it (on one node torchrun already stops the others at once).
-        timeout = timedelta(seconds=float(os.environ.get("TRAINKIT_DIST_TIMEOUT", "60")))
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        timeout = timedelta(seconds=float(environ.get("TRAINKIT_DIST_TIMEOUT", "60")))
+        backend = "nccl" if use_cuda else "gloo"
+        if from_slurm:  # the rendezvous named explicitly: the environment was not rewritten
+            address = f"tcp://{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
+            torch.distributed.init_process_group(
+                backend=backend, init_method=address, rank=rank, world_size=world, timeout=timeout
+            )
+        else:  # torchrun's env:// (and its agent's store)
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
     return Placement(target, "ddp", None, rank, world, local_rank)
 
 

@@ -1,21 +1,36 @@
-"""`trainkit train`: config → builders → Trainer → checkpoints. Everything a run needs is built
-and checked before its run directory exists, so a bad config leaves nothing behind."""
+"""`trainkit train`: build → resume → fit → summary.
+
+Everything a run needs is built and checked (data, model with one forward pass, loss,
+optimizer, schedule, a resumed state loaded into them) before its run directory is created or
+written, so a bad config or checkpoint leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainkit import __version__
-from trainkit.checkpoint import FORMAT_VERSION, atomic_write_text, load_checkpoint, remove_stale_temp_files
-from trainkit.config import Config, dump_config
-from trainkit.errors import ConfigError, TrainkitError
-from trainkit.reporting import Reporter, say, warn
+from trainkit.callbacks import Callback, CallbackList
+from trainkit.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointWriter,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+)
+from trainkit.config import Config, apply_overrides, config_from_dict, dump_config
+from trainkit.errors import ConfigError, RunLocked, TrainkitError
+from trainkit.monitor import Monitor
+from trainkit.reporting import Console, Reporter
 
 
 def check_config(config: Config) -> None:
@@ -36,13 +51,16 @@ def check_config(config: Config) -> None:
         raise ConfigError("model.in_channels", "images have 1 or 3 channels; set data.channels")
 
 
+# --------------------------------------------------------------------------- run directories
+
+
 def make_run_dir(out_dir: str, name: str) -> Path:
     """<out_dir>/<name>, or <name>-2, <name>-3… when taken (created atomically)."""
     parent = Path(out_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TrainkitError(f"cannot create {parent}: {error.strerror or error}") from None
+        raise TrainkitError(f"cannot create {parent}: {error.strerror or error}") from error
     for n in range(1, 100_000):
         candidate = parent / (name if n == 1 else f"{name}-{n}")
         try:
@@ -51,19 +69,8 @@ def make_run_dir(out_dir: str, name: str) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise TrainkitError(f"cannot create {candidate}: {error.strerror or error}") from None
+            raise TrainkitError(f"cannot create {candidate}: {error.strerror or error}") from error
     raise TrainkitError(f"too many runs named {name} in {parent}")
-
-
-def find_last_checkpoint(out_dir: str, name: str) -> Path:
-    """The newest checkpoints/last.pt among <out_dir>/<name> and <out_dir>/<name>-N."""
-    parent = Path(out_dir)
-    candidates = [parent / name / "checkpoints" / "last.pt"]
-    candidates += parent.glob(f"{name}-*/checkpoints/last.pt")
-    found = [path for path in candidates if path.is_file()]
-    if not found:
-        raise TrainkitError(f"nothing to resume: no {parent / name}/checkpoints/last.pt")
-    return max(found, key=lambda path: path.stat().st_mtime)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -77,7 +84,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _shared_run_dir(placement, make) -> Path | None:
+def _on_main_then_shared(placement, make: Callable[[], Path]) -> Path:
     """Rank 0 makes the run directory; every rank learns its path."""
     if placement.parallel != "ddp":
         return make()
@@ -86,39 +93,298 @@ def _shared_run_dir(placement, make) -> Path | None:
     return Path(box[0])
 
 
-def run_train(config: Config, resume: bool = False, resume_path: str | None = None) -> dict[str, Any]:
-    from trainkit.data.pipeline import BatchTransform, build_data, make_source
-    from trainkit.models import build_model
-    from trainkit.optim import build_loss, build_optimizer, build_scheduler
-    from trainkit.runtime import (
-        local_main_first,
-        resolve_placement,
-        seed_everything,
-        shutdown_distributed,
-        wrap_model,
-    )
-    from trainkit.trainer import Trainer
+# --------------------------------------------------------------------------- resume
 
-    check_config(config)
-    placement = resolve_placement(config.train.device, config.train.parallel)
-    resumed = None
-    if resume:
-        path = Path(resume_path) if resume_path else find_last_checkpoint(config.run.out_dir, config.run.name)
-        resumed = load_checkpoint(path, map_location="cpu")
-        changed = [k for k in _differences(resumed["config"], config.to_dict()) if k != "train.epochs"]
-        if changed:
-            warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}")
-        done_epochs, saved_epochs = int(resumed["epoch"]), int(resumed["config"]["train"]["epochs"])
-        if config.train.epochs <= done_epochs and int(resumed["batch_in_epoch"]) == 0:
+# What a resume may change: where the data is and how it is loaded, where and how the run
+# executes, what it logs and keeps, and how long it runs. Anything else changes what the run
+# means, and belongs to a new run started from these weights.
+TRAJECTORY_NEUTRAL = (
+    "train.epochs",
+    "train.device",
+    "train.parallel",
+    "train.save_top_k",
+    "train.save_every_epochs",
+    "data.root",
+    "data.download",
+    "data.cache",
+    "data.cache_dir",
+    "data.cache_memory_gb",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "run.name",
+    "run.out_dir",
+    "log.",
+)
+
+
+def _neutral(key: str) -> bool:
+    return any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in TRAJECTORY_NEUTRAL)
+
+
+def find_last_checkpoint(out_dir: str, name: str) -> Path:
+    """The newest checkpoints/last.pt of the runs named exactly <name> or <name>-<digits>."""
+    parent = Path(out_dir)
+    runs = [parent / name]
+    if parent.is_dir():
+        runs += [
+            d for d in parent.iterdir() if d.name.startswith(f"{name}-") and d.name[len(name) + 1 :].isdigit()
+        ]
+    found = [run / "checkpoints" / "last.pt" for run in runs if (run / "checkpoints" / "last.pt").is_file()]
+    if not found:
+        raise TrainkitError(f"nothing to resume: no {parent / name}/checkpoints/last.pt")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def locate_checkpoint(target: str | None, config: Config) -> Path:
+    """--resume's argument (a run directory, a checkpoint, or nothing: the newest run of the
+    config's name) → the checkpoint file."""
+    if target is None:
+        return find_last_checkpoint(config.run.out_dir, config.run.name)
+    path = Path(target)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise TrainkitError(f"nothing to resume: no {last}")
+        return last
+    return path
+
+
+def owning_run(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint continues in place: only a run's checkpoints/last.pt."""
+    resolved = checkpoint.resolve()
+    run = resolved.parent.parent
+    if (
+        resolved.name == "last.pt"
+        and resolved.parent.name == "checkpoints"
+        and (run / "config.yaml").is_file()
+    ):
+        return run
+    return None
+
+
+def resumed_config(saved: dict[str, Any], given: Config | None, overrides: list[str], source: Path) -> Config:
+    """The checkpoint's config, with only trajectory-neutral keys changed by the YAML given or
+    the overrides; any other difference is a ConfigError naming the dotted paths."""
+    base = config_from_dict(saved, f"{source} config")
+    new = (
+        given
+        if given is not None
+        else config_from_dict(apply_overrides(base.to_dict(), overrides), "overrides")
+    )
+    changed = [key for key in _differences(base.to_dict(), new.to_dict()) if not _neutral(key)]
+    if changed:
+        raise ConfigError(
+            ", ".join(changed),
+            f"changed from the config of {source}; a resume keeps its run's config "
+            "(it may change train.epochs, data location/cache/workers, device/parallel, log.*, "
+            f"data.eval_batch_size). To train these weights with a new config, start a new run: "
+            f"trainkit train CONFIG model.init={source}",
+        )
+    return new
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path
+    state: dict[str, Any]  # the loaded checkpoint
+    config: Config  # the run's config: the checkpoint's, with neutral changes
+    run_dir: Path | None  # where the run continues; None: a new run directory, seeded from the state
+    rescheduled: bool  # train.epochs changed: the schedule is rebuilt for the new length
+    lock: int | None = None  # the run directory's lock, when taken before loading
+
+
+def plan_resume(
+    given: Config | None,
+    overrides: list[str],
+    target: str | None,
+    console: Console,
+    *,
+    take_lock: bool = True,
+) -> ResumePlan:
+    """Which checkpoint a resume continues, where, and with which config. Nothing is written."""
+    lookup = given or config_from_dict(apply_overrides({}, overrides), "overrides")
+    path = locate_checkpoint(target, lookup)
+    run_dir = owning_run(path) if path.is_file() else None
+    lock = lock_run_dir(run_dir, create=False) if run_dir is not None and take_lock else None
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+        config = resumed_config(state["config"], given, overrides, path)
+        done_epochs, saved_epochs = int(state["epoch"]), int(state["config"]["train"]["epochs"])
+        if config.train.epochs <= done_epochs and int(state["batch_in_epoch"]) == 0:
             raise TrainkitError(
                 f"{path}: the run already finished {done_epochs} epochs; set train.epochs higher to train on"
             )
-        rescheduled = saved_epochs != config.train.epochs
-        if rescheduled and placement.is_main:
-            warn(
-                f"train.epochs {saved_epochs} -> {config.train.epochs}: the lr schedule is rebuilt "
-                f"for {config.train.epochs} epochs and continues from step {resumed['global_step']}"
-            )
+    except BaseException:
+        release_lock(lock)
+        raise
+    rescheduled = saved_epochs != config.train.epochs
+    if rescheduled:
+        console.warn(
+            f"train.epochs {saved_epochs} -> {config.train.epochs}: the lr schedule is rebuilt "
+            f"for {config.train.epochs} epochs and continues from step {state['global_step']}"
+        )
+    return ResumePlan(path, state, config, run_dir, rescheduled, lock)
+
+
+# --------------------------------------------------------------------------- one process per run
+
+
+def lock_run_dir(run_dir: Path, create: bool = True) -> int | None:
+    """An exclusive lock on <run>/.lock for as long as the run lasts (released at exit, also on a
+    crash). Held by another process: RunLocked naming its pid, nothing touched. Without `create`
+    a missing lock file is left missing (→ None): nothing is written before a resume has loaded."""
+    import fcntl
+
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(run_dir / ".lock", flags, 0o644)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as error:
+        raise TrainkitError(f"cannot lock {run_dir}: {error.strerror or error}") from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLocked(f"{run_dir} is in use by process {holder} (one process per run)") from error
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+# --------------------------------------------------------------------------- build
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built and checked before its run directory exists."""
+
+    model: torch.nn.Module  # wrapped for the placement (DDP / DataParallel / compiled)
+    spec: dict[str, Any]
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    train_source: Any
+    val_source: Any
+    bundle: Any  # trainkit.data.pipeline.DataBundle
+    data_line: str  # what the data line of the run's output says
+
+
+def build_model_checked(
+    spec: dict[str, Any], kwargs: dict[str, Any], *, seed: int, device, channels_last: bool
+):
+    """Build the model and run it once on a tiny batch: a model that cannot run on the data's
+    images, or that has empty layers, is a config error now, not a crash in the first step."""
+    from trainkit.models import build_model
+
+    torch.manual_seed(seed)  # the same initial weights whatever data loading drew
+    with warnings.catch_warnings():  # an empty layer is reported below, as a config error
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = build_model(spec)
+    probe_model(model, spec, kwargs)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _blame(spec: dict[str, Any], kwargs: dict[str, Any]) -> str:
+    """The dotted paths a model failure points at: the zero-valued arguments, else all of them."""
+    zero = [k for k, v in kwargs.items() if v == 0 or (isinstance(v, (list, tuple)) and 0 in v)]
+    keys = zero or list(kwargs)
+    return ", ".join(f"model.{key}" for key in keys) if keys else "model.name"
+
+
+def probe_model(model: torch.nn.Module, spec: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """One training-mode forward pass on two blank images; weights, buffers (BatchNorm
+    statistics) and RNG states are left exactly as they were."""
+    shape = (spec["in_channels"], spec["input_size"], spec["input_size"])
+    where, name = _blame(spec, kwargs), spec["name"]
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ConfigError(where, f"{name} has an empty layer ({empty[0]} has no elements)")
+    saved = {key: value.clone() for key, value in model.state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            out = model(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            where, f"{name} cannot run on {'x'.join(map(str, shape))} images ({first}); see data.image_size"
+        ) from error
+    finally:
+        model.load_state_dict(saved)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec["num_classes"]):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(where, f"{name} returns {got}, not logits of shape (batch, {spec['num_classes']})")
+
+
+def model_spec(config: Config, splits) -> dict[str, Any]:
+    spec = {
+        "name": config.model.name,
+        "num_classes": config.model.num_classes or len(splits.classes),
+        "in_channels": splits.channels,
+        "input_size": splits.image_size,
+        **config.model.kwargs,
+    }
+    if spec["num_classes"] < len(splits.classes):
+        raise ConfigError("model.num_classes", f"the dataset has {len(splits.classes)} classes")
+    return spec
+
+
+def _batchnorm_drop_last(model, config: Config, size: int, world: int, console: Console) -> bool:
+    """BatchNorm cannot train on one sample (per process): a short last batch that would give a
+    process fewer than two is dropped each epoch, said once; full batches that small are an error."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    if config.data.batch_size // world < 2:
+        raise ConfigError(
+            "data.batch_size", f"BatchNorm needs at least 2 samples per process (world {world})"
+        )
+    last = size % config.data.batch_size
+    if not last or last // world >= 2 or size < config.data.batch_size:
+        return False
+    console.warn(
+        f"the last training batch of each epoch ({last} of {size} images) is left out: the model's "
+        "BatchNorm layers cannot train on a batch of one"
+    )
+    return True
+
+
+def make_sources(config: Config, bundle, *, placement, drop_last: bool = False) -> tuple[Any, Any]:
+    from trainkit.data.pipeline import make_source
+
+    world, rank = placement.world, placement.rank
+    if config.data.batch_size < world:
+        raise ConfigError("data.batch_size", f"smaller than the number of processes ({world})")
+    common = dict(
+        in_memory=bundle.in_memory,
+        seed=config.run.seed,
+        device=placement.device,
+        num_workers=config.data.num_workers,
+        rank=rank,
+        world=world,
+    )
+    train = make_source(
+        bundle.splits.train, batch_size=config.data.batch_size, shuffle=True, drop_last=drop_last, **common
+    )
+    val = make_source(bundle.splits.val, batch_size=config.data.eval_batch_size, shuffle=False, **common)
+    return train, val
+
+
+def build_run(config: Config, *, placement, console: Console) -> Built:
+    from trainkit.data.pipeline import build_data
+    from trainkit.optim import build_loss, build_optimizer, build_scheduler
+    from trainkit.runtime import local_main_first, seed_everything, wrap_model
 
     seed_everything(config.run.seed)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
@@ -130,134 +396,197 @@ def run_train(config: Config, resume: bool = False, resume_path: str | None = No
     )
     data_began = time.perf_counter()
     with local_main_first(placement):
-        bundle = build_data(data_cfg, config.run.seed)
+        bundle = build_data(data_cfg, config.run.seed, console)
     data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
-    splits = bundle.splits
-    spec = {
-        "name": config.model.name,
-        "num_classes": config.model.num_classes or len(splits.classes),
-        "in_channels": splits.channels,
-        "input_size": splits.image_size,
-        **config.model.kwargs,
-    }
-    if spec["num_classes"] < len(splits.classes):
-        raise ConfigError("model.num_classes", f"the dataset has {len(splits.classes)} classes")
-    torch.manual_seed(config.run.seed)  # the same initial weights whatever data loading drew
-    model = build_model(spec).to(placement.device)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    spec = model_spec(config, bundle.splits)
+    model = build_model_checked(
+        spec,
+        config.model.kwargs,
+        seed=config.run.seed,
+        device=placement.device,
+        channels_last=config.train.channels_last,
+    )
     loss_fn = build_loss(config.loss, spec["num_classes"]).to(placement.device)
-    optimizer = build_optimizer(config.optim, model.parameters())
-
-    world, rank = placement.world, placement.rank
-    if config.data.batch_size < world:
-        raise ConfigError("data.batch_size", f"smaller than the number of processes ({world})")
-    workers = config.data.num_workers
-    train_source = make_source(
-        splits.train,
-        bundle.in_memory,
-        config.data.batch_size,
-        config.run.seed,
-        True,
-        placement.device,
-        workers,
-        rank,
-        world,
-    )
-    val_source = make_source(
-        splits.val,
-        bundle.in_memory,
-        config.data.eval_batch_size,
-        config.run.seed,
-        False,
-        placement.device,
-        workers,
-        rank,
-        world,
-    )
+    optimizer = build_optimizer(config.optim, model)
+    drop_last = _batchnorm_drop_last(model, config, len(bundle.splits.train), placement.world, console)
+    train_source, val_source = make_sources(config, bundle, placement=placement, drop_last=drop_last)
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
-    schedule = build_scheduler(
-        config.sched,
-        optimizer,
-        steps_per_epoch,
-        config.train.epochs,
-        "min" if config.train.monitor == "val_loss" else "max",
-    )
+    monitor = Monitor.for_metric(config.train.monitor)
+    schedule = build_scheduler(config.sched, optimizer, steps_per_epoch, config.train.epochs, monitor.mode)
     wrapped = wrap_model(model, placement)
     if config.train.compile:
         wrapped = torch.compile(wrapped)
+    return Built(
+        wrapped,
+        spec,
+        loss_fn,
+        optimizer,
+        schedule,
+        train_source,
+        val_source,
+        bundle,
+        data_line=_data_line(config, bundle, data_seconds, placement),
+    )
 
-    if resumed is not None:
-        run_dir = Path(resume_path).resolve().parent.parent if resume_path else None
-        run_dir = run_dir or find_last_checkpoint(config.run.out_dir, config.run.name).parent.parent
-        if placement.is_main:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = _shared_run_dir(
-            placement,
-            lambda: make_run_dir(config.run.out_dir, config.run.name) if placement.is_main else None,
-        )
-    checkpoint_dir = run_dir / "checkpoints"
-    if placement.is_main:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(checkpoint_dir)
-        try:
-            atomic_write_text(run_dir / "config.yaml", dump_config(config))
-        except OSError as error:
-            raise TrainkitError(
-                f"cannot write {run_dir / 'config.yaml'}: {error.strerror or error}"
-            ) from None
-        say(f"run directory: {run_dir}")
-        say(
-            f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
-            f"{splits.channels}x{splits.image_size}x{splits.image_size}, "
-            f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}, ready in {data_seconds:.1f} s; "
-            f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
-        )
 
-    reporter = Reporter(run_dir, config.log, config.train.epochs, enabled=placement.is_main)
+def _data_line(config: Config, bundle, seconds: float, placement) -> str:
+    splits = bundle.splits
+    world = placement.world
+    return (
+        f"data: {config.data.name} train {len(splits.train)} / val {len(splits.val)} images, "
+        f"{splits.channels}x{splits.image_size}x{splits.image_size}, "
+        f"{'in-memory tensors' if bundle.in_memory else 'DataLoader'}, ready in {seconds:.1f} s; "
+        f"device {placement.device}" + (f" x{world} ({placement.parallel})" if world > 1 else "")
+    )
+
+
+def make_trainer(config: Config, built: Built, *, placement, console: Console, handle_signals: bool):
+    from trainkit.data.pipeline import BatchTransform
+    from trainkit.trainer import Trainer
+
+    bundle = built.bundle
     extras = {
         "format_version": FORMAT_VERSION,
         "trainkit_version": __version__,
         "config": config.to_dict(),
-        "model_spec": spec,
-        "classes": list(splits.classes),
+        "model_spec": built.spec,
+        "classes": list(bundle.splits.classes),
         "preprocess": bundle.preprocess.to_dict(),
     }
-    trainer = Trainer(
-        model=wrapped,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        schedule=schedule,
-        train_source=train_source,
-        val_source=val_source,
+    return Trainer(
+        model=built.model,
+        loss_fn=built.loss_fn,
+        optimizer=built.optimizer,
+        schedule=built.schedule,
+        train_source=built.train_source,
+        val_source=built.val_source,
         train_transform=BatchTransform(bundle.preprocess, config.data.augment, config.run.seed),
         eval_transform=BatchTransform(bundle.preprocess, None),
         train=config.train,
         placement=placement,
-        num_classes=spec["num_classes"],
-        reporter=reporter,
-        checkpoint_dir=checkpoint_dir,
+        num_classes=built.spec["num_classes"],
+        monitor=Monitor.for_metric(config.train.monitor),
+        callbacks=CallbackList(),
         checkpoint_extras=extras,
+        console=console,
+        handle_signals=handle_signals,
+        check_every_n_steps=config.log.every_n_steps,
     )
-    if resumed is not None:
-        trainer.load_state(resumed, new_schedule_length=rescheduled)
-        if placement.is_main:
-            say(
-                f"resumed at epoch {trainer.state.epoch + 1}, batch {trainer.state.batch_in_epoch}, "
-                f"step {trainer.state.global_step}"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def open_run_dir(
+    config: Config, plan: ResumePlan | None, *, placement, console: Console, built: Built
+) -> tuple[Path, int | None]:
+    """Create (or reopen, for a resume in place) the run directory, lock it, clean up killed
+    saves' temp files and write its config: the run's first writes, after everything is built
+    and loaded. → (run directory, the lock held by this process or None)."""
+    held: list[int | None] = [None]
+
+    def make() -> Path:
+        if plan is not None and plan.run_dir is not None:
+            held[0] = plan.lock if plan.lock is not None else lock_run_dir(plan.run_dir)
+            return plan.run_dir
+        run_dir = make_run_dir(config.run.out_dir, config.run.name)
+        held[0] = lock_run_dir(run_dir)
+        return run_dir
+
+    run_dir = _on_main_then_shared(placement, make)
+    if placement.is_main:
+        checkpoint_dir = run_dir / "checkpoints"
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(checkpoint_dir)  # under the lock: no live save is touched
+        try:  # never through a link planted in the run directory
+            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        except OSError as error:
+            raise TrainkitError(
+                f"cannot write {run_dir / 'config.yaml'}: {error.strerror or error}"
+            ) from error
+        console.say(f"run directory: {run_dir}")
+        console.say(built.data_line)
+        if plan is not None and plan.run_dir is None:
+            console.say(
+                f"{plan.checkpoint} is not a run's checkpoints/last.pt: its state continues in this new "
+                "run directory"
             )
-    state = trainer.fit()
-    shutdown_distributed()
-    best = checkpoint_dir / "best.pt"
-    if placement.is_main and state.best_metric is not None:
-        value = state.best_metric
-        shown = f"{100 * value:.2f}%" if config.train.monitor != "val_loss" else f"{value:.4f}"
-        say(f"best checkpoint: {best} ({config.train.monitor} {shown} at epoch {state.best_epoch})")
+    return run_dir, held[0]
+
+
+def run_callbacks(
+    config: Config, run_dir: Path, *, placement, console: Console, started: float
+) -> list[Callback]:
+    """The run's own callbacks: the checkpoint writer, then the reporter (main process only)."""
+    if not placement.is_main:
+        return []
+    writer = CheckpointWriter(
+        run_dir / "checkpoints", top_k=config.train.save_top_k, every_epochs=config.train.save_every_epochs
+    )
+    return [writer, Reporter(run_dir, config.log, config.train.epochs, console, started)]
+
+
+def run_train(
+    config: Config | None,
+    *,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+    resume_path: str | None = None,
+    callbacks: Iterable[Callback] = (),
+    started: float | None = None,
+    handle_signals: bool = True,
+) -> dict[str, Any]:
+    """Train one run: build → resume → fit → summary. `config` is the YAML's (with `overrides`
+    applied); on a resume it may be None: the checkpoint's config, with `overrides`.
+    → a summary (run directory, best checkpoint and metric, last metrics)."""
+    from trainkit.runtime import is_main_process, resolve_placement, shutdown_distributed
+
+    started = time.perf_counter() if started is None else started
+    plan = None
+    if resume:
+        main = is_main_process()
+        plan = plan_resume(config, list(overrides), resume_path, Console(enabled=main), take_lock=main)
+        config = plan.config
+    lock = plan.lock if plan is not None else None
+    try:
+        check_config(config)
+        placement = resolve_placement(config.train.device, config.train.parallel)
+        console = Console(enabled=placement.is_main)
+        built = build_run(config, placement=placement, console=console)
+        trainer = make_trainer(
+            config, built, placement=placement, console=console, handle_signals=handle_signals
+        )
+        if plan is not None:
+            trainer.load_state(plan.state, new_schedule_length=plan.rescheduled)
+            if plan.run_dir is None:  # a new run: its best.pt and top-k are its own epochs'
+                trainer.forget_best()
+        run_dir, lock = open_run_dir(config, plan, placement=placement, console=console, built=built)
+        if plan is not None:
+            s = trainer.state
+            console.say(f"resumed at epoch {s.epoch + 1}, batch {s.batch_in_epoch}, step {s.global_step}")
+        own = run_callbacks(config, run_dir, placement=placement, console=console, started=started)
+        trainer.callbacks.callbacks[:] = [*own, *callbacks]
+        trainer.fit()
+        shutdown_distributed()
+        return summarize(run_dir, trainer, console=console)
+    finally:
+        release_lock(lock)
+
+
+def summarize(run_dir: Path, trainer, *, console: Console) -> dict[str, Any]:
+    state, monitor = trainer.state, trainer.monitor
+    best = run_dir / "checkpoints" / "best.pt"
+    if state.best_metric is not None:
+        shown = monitor.format(state.best_metric)
+        console.say(f"best checkpoint: {best} ({monitor.name} {shown} at epoch {state.best_epoch})")
     return {
         "run_dir": str(run_dir),
         "best": str(best),
+        "last": str(run_dir / "checkpoints" / "last.pt"),
+        "monitor": monitor.name,
         "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
         "global_step": state.global_step,
-        "pid": os.getpid(),
+        "epoch": state.epoch,
+        "metrics": dict(state.last_metrics),
     }

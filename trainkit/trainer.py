@@ -1,43 +1,32 @@
-"""The one engine: fit() → train_one_epoch() → train_step(); evaluate().
+"""The one engine: fit() → run_epoch() → train_one_epoch() → train_step(); evaluate().
 
-The Trainer gets built objects (model, loss, optimizer, schedule, batch sources, transform)
-and the train section; it never sees the whole config. Checkpoint writes, logging and progress
-are named helpers called at marked points of the loop.
+The Trainer gets built objects (model, loss, optimizer, schedule, batch sources, transforms, the
+monitor) and the train section; it never sees the whole config. Checkpoint writes, logging and
+progress are callbacks (trainkit.callbacks) fired at marked points of the loop.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from trainkit.checkpoint import save_checkpoint
+from trainkit.callbacks import CallbackList, StepInfo
 from trainkit.config import TrainConfig
-from trainkit.errors import TrainkitError
-from trainkit.reporting import Reporter, say, warn
+from trainkit.data.loader import Batch, BatchSource
+from trainkit.errors import Interrupted, NonFiniteLoss
+from trainkit.monitor import Monitor
+from trainkit.reporting import Console
 from trainkit.runtime import Placement, rng_state, set_rng_state, unwrap_model
 
-
-class NonFiniteLoss(TrainkitError):
-    pass
-
-
-class Interrupted(Exception):
-    """Raised at a step boundary after SIGINT/SIGTERM, once the checkpoint is saved."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+__all__ = ["Interrupted", "NonFiniteLoss", "TrainState", "Trainer", "evaluate"]
 
 
 @dataclass
@@ -51,6 +40,42 @@ class TrainState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class EpochTotals:
+    """This process's running sums over the epoch's training batches. A checkpoint taken
+    mid-epoch carries them (summed over processes), so that the resumed epoch's metrics.csv row
+    is the uninterrupted one's."""
+
+    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None):
+        saved = saved or {}
+        self.loss_sum = torch.tensor(float(saved.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        self.correct = torch.tensor(int(saved.get("correct", 0)), dtype=torch.int64, device=device)
+        self.seen = int(saved.get("seen", 0))
+        self.seconds = float(saved.get("seconds", 0.0))  # before this process took over
+        self.steps = self.skipped = 0  # optimizer steps taken / skipped here (not saved)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.double() * labels.shape[0]
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+
+    def running_loss(self) -> float:
+        return float(self.loss_sum) / max(self.seen, 1)
+
+    def summed(self, ddp: bool) -> tuple[float, float, float]:
+        """(loss sum, correct, seen) over all processes (a collective under DDP)."""
+        seen = self.loss_sum.new_tensor(float(self.seen))
+        stats = torch.stack([self.loss_sum, self.correct.double(), seen])
+        if ddp:
+            torch.distributed.all_reduce(stats)
+        loss_sum, correct, seen = stats.tolist()
+        return loss_sum, correct, seen
+
+    def to_dict(self, ddp: bool, elapsed: float) -> dict[str, Any]:
+        loss_sum, correct, seen = self.summed(ddp)
+        seconds = self.seconds + elapsed
+        return {"loss_sum": loss_sum, "correct": int(correct), "seen": int(seen), "seconds": seconds}
+
+
 def autocast_for(device: torch.device, precision: str):
     if precision == "32":
         return nullcontext()
@@ -61,7 +86,7 @@ def autocast_for(device: torch.device, precision: str):
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    source,
+    source: BatchSource,
     transform: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: nn.Module,
     num_classes: int,
@@ -71,44 +96,35 @@ def evaluate(
     model.eval()
     device = source.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros((), dtype=torch.int64, device=device)
-    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    hits = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
     class_total = torch.zeros(num_classes, dtype=torch.int64, device=device)
     class_correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
     k = min(5, num_classes)
-    for images, labels, _ in source.epoch(0):
+    for batch in source.epoch(0):
+        labels = batch.labels
         if labels.shape[0] == 0:  # an empty share of a short last batch (DDP)
             continue
         with autocast_for(device, precision):
-            logits = model(transform(images))  # (b, K)
+            logits = model(transform(batch.images))  # (b, K)
         logits = logits.float()
         loss_sum += loss_fn(logits, labels).double() * labels.shape[0]
         ranked = logits.topk(k, dim=1).indices  # (b, k)
         hit1 = ranked[:, 0] == labels
-        top1 += hit1.sum()
-        top5 += (ranked == labels[:, None]).any(dim=1).sum()
+        hits[0] += hit1.sum()
+        hits[1] += (ranked == labels[:, None]).any(dim=1).sum()
         class_total += torch.bincount(labels, minlength=num_classes)
         class_correct += torch.bincount(labels[hit1], minlength=num_classes)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        packed = torch.cat(
-            [
-                loss_sum.view(1),
-                top1.view(1).double(),
-                top5.view(1).double(),
-                class_total.double(),
-                class_correct.double(),
-            ]
-        )
+        packed = torch.cat([loss_sum.view(1), hits.double(), class_total.double(), class_correct.double()])
         torch.distributed.all_reduce(packed)
-        loss_sum, top1, top5 = packed[0], packed[1].long(), packed[2].long()
-        class_total = packed[3 : 3 + num_classes].long()
-        class_correct = packed[3 + num_classes :].long()
+        loss_sum, hits = packed[0], packed[1:3].long()
+        class_total, class_correct = packed[3 : 3 + num_classes].long(), packed[3 + num_classes :].long()
     count = int(class_total.sum())
     per_class = (class_correct.double() / class_total.clamp_min(1).double()).tolist()
     return {
         "loss": float(loss_sum) / max(count, 1),
-        "accuracy": int(top1) / max(count, 1),
-        "top5": int(top5) / max(count, 1),
+        "accuracy": int(hits[0]) / max(count, 1),
+        "top5": int(hits[1]) / max(count, 1),
         "num_samples": count,
         "per_class": per_class,
         "per_class_count": class_total.tolist(),
@@ -118,43 +134,59 @@ def evaluate(
 class Trainer:
     def __init__(
         self,
+        *,
         model: nn.Module,
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
         schedule,
-        train_source,
-        val_source,
+        train_source: BatchSource,
+        val_source: BatchSource,
         train_transform,
         eval_transform,
         train: TrainConfig,
         placement: Placement,
         num_classes: int,
-        reporter: Reporter,
-        checkpoint_dir: Path | None,
+        monitor: Monitor,
+        callbacks: CallbackList,
         checkpoint_extras: dict[str, Any],
+        console: Console,
+        handle_signals: bool = True,
+        check_every_n_steps: int = 50,
     ):
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_source, self.val_source = train_source, val_source
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.cfg, self.placement, self.num_classes = train, placement, num_classes
-        self.reporter, self.checkpoint_dir = reporter, checkpoint_dir
+        self.monitor, self.callbacks, self.console = monitor, callbacks, console
         self.checkpoint_extras = checkpoint_extras  # config, spec, classes, preprocess (plain)
+        self.handle_signals = handle_signals
+        self.check_every_n_steps = check_every_n_steps  # on accelerators: how often the loss is read
         self.device = placement.device
+        self.ddp = placement.parallel == "ddp"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.state = TrainState()
         self.sizes = train_source.global_sizes()  # global batch sizes of an epoch
+        self.totals = EpochTotals(self.device)
+        self.saved_totals: dict[str, Any] | None = None  # what a mid-epoch checkpoint carries
+        self.epoch_began = time.perf_counter()
         self.stop_signal: int | None = None
-        self.monitor_mode = "min" if train.monitor == "val_loss" else "max"
+        self.leave_after_save = False  # a second Ctrl-C while a checkpoint was being written
+        self.deferring = False
+        self.callback_states: dict[str, Any] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sizes)
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, images, labels, positions, window_total: int, should_step: bool):
+    def train_step(self, batch: Batch, window_total: int, should_step: bool):
         """One micro-batch: forward, loss / accumulation weight, backward, then maybe step."""
-        p = self.placement
-        x = self.train_transform(images, positions)  # (b, C, H, W) float
+        x = self.train_transform(batch.images, batch.positions)  # (b, C, H, W) float
+        labels = batch.labels
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        no_sync = p.parallel == "ddp" and not should_step
+        no_sync = self.ddp and not should_step
         with self.model.no_sync() if no_sync else nullcontext():
             with autocast_for(self.device, self.cfg.precision):
                 logits = self.model(x)  # (b, K)
@@ -164,14 +196,16 @@ class Trainer:
                 loss = logits.float().sum() * 0.0
             # Weighted so the window's gradient is the mean over all of its samples on all
             # ranks (DDP averages over ranks, hence × world), whatever the batch sizes.
-            weight = labels.shape[0] * p.world / window_total
+            weight = labels.shape[0] * self.placement.world / window_total
             self.scaler.scale(loss * weight).backward()
 
         if should_step:
             if self.cfg.on_nonfinite == "skip" and not self._gradients_finite():
                 self.optimizer.zero_grad(set_to_none=True)  # the whole window's gradients
+                self.totals.skipped += 1
                 step = self.state.global_step + 1
-                warn(f"non-finite loss at epoch {self.state.epoch + 1} step {step}; step skipped")
+                epoch = self.state.epoch + 1
+                self.console.warn(f"non-finite loss at epoch {epoch} step {step}; step skipped")
                 return loss.detach(), logits.detach()
             if self.cfg.clip_grad_norm is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -181,6 +215,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
             self.state.global_step += 1
+            self.totals.steps += 1
         return loss.detach(), logits.detach()
 
     def _gradients_finite(self) -> bool:
@@ -195,126 +230,118 @@ class Trainer:
     # ------------------------------------------------------------------ the epoch
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        k = self.cfg.grad_accum_steps
+        k, total = self.cfg.grad_accum_steps, len(self.sizes)
         start = self.state.batch_in_epoch
-        total = len(self.sizes)
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen = 0
         self.train_transform.start_epoch(epoch, self.train_source.size, self.device)
-        self.reporter.start_epoch(epoch, total, start)
-        began = time.perf_counter()
-        for index, (images, labels, global_size) in enumerate(self.train_source.epoch(epoch, start), start):
+        self.callbacks.fire("epoch_start", self, epoch)
+        self.epoch_began = time.perf_counter()
+        for index, batch in enumerate(self.train_source.epoch(epoch, start), start):
             window = index - index % k  # first batch of this accumulation window
             window_sizes = self.sizes[window : min(window + k, total)]
             should_step = index == window + len(window_sizes) - 1
-            first = index * self.train_source.batch_size  # this global batch's place in the epoch
-            positions = torch.arange(
-                first + self.placement.rank, first + global_size, self.placement.world, device=self.device
-            )  # (b,) this rank's rows
-            loss, logits = self.train_step(images, labels, positions, sum(window_sizes), should_step)
-
-            loss_sum += loss.double() * labels.shape[0]
-            correct += (logits.argmax(1) == labels).sum()
-            seen += labels.shape[0]
-            # Reading the loss syncs an accelerator, so there it is checked at log points only;
-            # save_checkpoints() refuses non-finite weights whatever happens in between.
-            check = self.device.type == "cpu" or (
-                should_step and self.state.global_step % self.reporter.log.every_n_steps == 0
-            )
-            if self.cfg.on_nonfinite == "stop" and check and not math.isfinite(float(loss)):
-                raise NonFiniteLoss(
-                    f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {self.state.global_step}; "
-                    "stopped without saving (lower optim.lr, set train.clip_grad_norm, or "
-                    "train.on_nonfinite=skip)"
-                )
+            loss, logits = self.train_step(batch, sum(window_sizes), should_step)
+            self.totals.add(loss, logits, batch.labels)
+            self._check_loss(loss, epoch, should_step)
             if should_step:
                 self.state.batch_in_epoch = index + 1
-                elapsed = time.perf_counter() - began
-                self.reporter.step(
-                    index,
-                    self.state.global_step,
-                    lambda total=loss_sum, count=seen: float(total) / max(count, 1),
-                    self.schedule.lr(),
-                    seen * self.placement.world / max(elapsed, 1e-9),
-                )
-                if self._stop_agreed():  # marked point: save and leave on a signal
-                    self._save_and_leave()
-        seconds = time.perf_counter() - began
-        stats = torch.stack(
-            [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=self.device)]
-        )
-        if self.placement.parallel == "ddp":
-            torch.distributed.all_reduce(stats)
+                self._after_step(index)
+        seconds = self.totals.seconds + time.perf_counter() - self.epoch_began
+        loss_sum, correct, seen = self.totals.summed(self.ddp)
         return {
-            "train_loss": float(stats[0] / stats[2].clamp_min(1)),
-            "train_accuracy": float(stats[1] / stats[2].clamp_min(1)),
-            "images_per_s": float(stats[2]) / max(seconds, 1e-9),
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "images_per_s": seen / max(seconds, 1e-9),
             "epoch_seconds": seconds,
         }
+
+    def _check_loss(self, loss: torch.Tensor, epoch: int, should_step: bool) -> None:
+        # Reading the loss syncs an accelerator, so there it is checked at log points only;
+        # the checkpoint writer refuses non-finite weights whatever happens in between.
+        every = self.check_every_n_steps
+        check = self.device.type == "cpu" or (should_step and self.state.global_step % every == 0)
+        if self.cfg.on_nonfinite == "stop" and check and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(
+                f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {self.state.global_step}; "
+                "stopped without saving (lower optim.lr, set train.clip_grad_norm, or "
+                "train.on_nonfinite=skip)"
+            )
+
+    def _after_step(self, index: int) -> None:
+        elapsed = self.totals.seconds + time.perf_counter() - self.epoch_began
+        step = StepInfo(
+            batch_index=index,
+            batches_per_epoch=len(self.sizes),
+            global_step=self.state.global_step,
+            running_loss=self.totals.running_loss,
+            lr=self.schedule.lr(),
+            images_per_s=self.totals.seen * self.placement.world / max(elapsed, 1e-9),
+        )
+        self.callbacks.fire("step_end", self, step)
+        if self._stop_agreed():  # marked point: save and leave on a signal
+            self._save_and_leave()
 
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> TrainState:
-        epochs = self.cfg.epochs
-        previous = self._install_signal_handlers()
+        previous = self._install_signal_handlers() if self.handle_signals else None
         try:
-            while self.state.epoch < epochs:
-                epoch = self.state.epoch
-                row = self.train_one_epoch(epoch)
-                self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
-                last_epoch = epoch + 1 == epochs
-                improved = False
-                if (epoch + 1) % self.cfg.eval_every == 0 or last_epoch:
-                    metrics = self.run_evaluation()
-                    row.update(
-                        val_loss=metrics["loss"], val_accuracy=metrics["accuracy"], val_top5=metrics["top5"]
-                    )
-                    improved = self._update_best(metrics)
-                row.update(epoch=epoch + 1, global_step=self.state.global_step, lr=self.schedule.lr())
-                self.state.last_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-                self.save_checkpoints(improved)  # marked point: checkpoint writes
-                self.reporter.end_epoch(row)  # marked point: metrics.csv, TensorBoard, progress
-                if self._stop_agreed(force=True):
-                    self._leave()
+            self.callbacks.load_state_dict(self.callback_states)
+            self.callbacks.fire("fit_start", self)
+            while self.state.epoch < self.cfg.epochs:
+                self.run_epoch()
                 if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
-                    patience = self.cfg.patience
-                    say(f"early stopping: {self.cfg.monitor} did not improve for {patience} evaluations")
+                    patience, name = self.cfg.patience, self.monitor.name
+                    self.console.say(f"early stopping: {name} did not improve for {patience} evaluations")
                     break
+            self.callbacks.fire("fit_end", self)
         finally:
             self._restore_signal_handlers(previous)
-            self.reporter.close()
+            self.callbacks.fire("teardown", self)
         return self.state
+
+    def run_epoch(self) -> dict[str, Any]:
+        """Train one epoch, evaluate when due, step the plateau schedule, fire epoch_end."""
+        epoch = self.state.epoch
+        row = self.train_one_epoch(epoch)
+        self._require_progress(epoch)
+        self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+        self.totals, self.saved_totals = EpochTotals(self.device), None
+        if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+            metrics = self.run_evaluation()
+            row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"], val_top5=metrics["top5"])
+            value = self.monitor.value(row)
+            self.schedule.step_eval(value)  # plateau: once per evaluation
+            self._update_best(value)
+        row.update(epoch=epoch + 1, global_step=self.state.global_step, lr=self.schedule.lr())
+        self.state.last_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        with self._signals_deferred():  # marked point: checkpoints, metrics.csv, TensorBoard, progress
+            self.callbacks.fire("epoch_end", self, row)
+        if self._stop_agreed(force=True):
+            self._leave()
+        return row
+
+    def _require_progress(self, epoch: int) -> None:
+        if self.totals.skipped and not self.totals.steps:
+            raise NonFiniteLoss(
+                f"every optimizer step of epoch {epoch + 1} was skipped (non-finite loss): nothing is "
+                "being learned; stopped (check loss.weight, lower optim.lr or set train.clip_grad_norm)"
+            )
 
     def run_evaluation(self) -> dict[str, Any]:
         # Under DDP the plain module evaluates: each rank its own shard, no collective in the
         # forward (buffer broadcasts would hang when ranks have unequal numbers of batches).
-        model = unwrap_model(self.model) if self.placement.parallel == "ddp" else self.model
-        metrics = evaluate(
+        model = unwrap_model(self.model) if self.ddp else self.model
+        return evaluate(
             model, self.val_source, self.eval_transform, self.loss_fn, self.num_classes, self.cfg.precision
         )
-        metric = {
-            "val_accuracy": metrics["accuracy"],
-            "val_loss": metrics["loss"],
-            "val_top5": metrics["top5"],
-        }[self.cfg.monitor]
-        self.schedule.step_eval(metric)
-        return metrics
 
-    def _update_best(self, metrics: dict[str, Any]) -> bool:
-        value = {
-            "val_accuracy": metrics["accuracy"],
-            "val_loss": metrics["loss"],
-            "val_top5": metrics["top5"],
-        }[self.cfg.monitor]
-        best = self.state.best_metric
-        better = best is None or (value < best if self.monitor_mode == "min" else value > best)
-        if better:
+    def _update_best(self, value: float) -> bool:
+        if self.monitor.is_better(value, self.state.best_metric):
             self.state.best_metric, self.state.best_epoch, self.state.bad_evals = value, self.state.epoch, 0
-        else:
-            self.state.bad_evals += 1
-        return better
+            return True
+        self.state.bad_evals += 1
+        return False
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -332,25 +359,16 @@ class Trainer:
             "best_metric": s.best_metric,
             "best_epoch": s.best_epoch,
             "bad_evals": s.bad_evals,
-            "monitor": self.cfg.monitor,
+            "monitor": self.monitor.name,
             "metrics": dict(s.last_metrics),
+            "epoch_totals": dict(self.saved_totals or {}),
+            "callbacks": self.callbacks.state_dict(),
             "rng": rng_state(),
         }
 
-    def save_checkpoints(self, improved: bool) -> None:
-        """last.pt always, best.pt when the monitored metric improved (main process only)."""
-        if self.checkpoint_dir is None or not self.placement.is_main:
-            return
-        state = self.checkpoint_state()
-        for value in state["model"].values():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise NonFiniteLoss("model weights are not finite; refusing to write a checkpoint")
-        last = self.checkpoint_dir / "last.pt"
-        save_checkpoint(state, last)
-        if improved:
-            link_or_copy(last, self.checkpoint_dir / "best.pt")
-
     def load_state(self, state: dict[str, Any], new_schedule_length: bool = False) -> None:
+        """Everything a checkpoint holds back into the model, optimizer, schedule, scaler, RNGs,
+        callbacks and the position in the run."""
         unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if new_schedule_length:  # train.epochs changed: the lr schedule was built for the new length
@@ -367,14 +385,23 @@ class Trainer:
             bad_evals=int(state.get("bad_evals", 0)),
             last_metrics=dict(state.get("metrics") or {}),
         )
+        # the sums of the epoch's batches before the save, counted once: on the main process
+        saved = state.get("epoch_totals") if self.placement.is_main and self.state.batch_in_epoch else None
+        self.totals = EpochTotals(self.device, saved)
+        self.callback_states = dict(state.get("callbacks") or {})  # given to the callbacks at fit()
         set_rng_state(state["rng"])
+
+    def forget_best(self) -> None:
+        """Start the best-metric bookkeeping afresh (a new run seeded from another's state)."""
+        self.state.best_metric, self.state.best_epoch, self.state.bad_evals = None, None, 0
+        self.callback_states.pop("checkpoint_writer", None)
 
     # ------------------------------------------------------------------ signals
 
     def _stop_agreed(self, force: bool = False) -> bool:
         """Has any rank been asked to stop? Under DDP every rank must leave at the same step,
         so the flag is all-reduced: each step on CPU, every 25 steps on GPUs (it syncs the host)."""
-        if self.placement.parallel != "ddp":
+        if not self.ddp:
             return self.stop_signal is not None
         if not force and self.device.type != "cpu" and self.state.global_step % 25:
             return False
@@ -386,18 +413,28 @@ class Trainer:
         return bool(signum)
 
     def _save_and_leave(self) -> None:
-        self.save_checkpoints(improved=False)
-        if self.placement.is_main and self.checkpoint_dir is not None:
-            say(
-                f"saved {self.checkpoint_dir / 'last.pt'} at epoch {self.state.epoch + 1}, "
-                f"step {self.state.global_step}; continue with --resume"
-            )
+        elapsed = time.perf_counter() - self.epoch_began
+        self.saved_totals = self.totals.to_dict(self.ddp, elapsed)  # a collective under DDP
+        with self._signals_deferred():
+            self.callbacks.fire("interrupt", self)
         self._leave()
 
     def _leave(self) -> None:
-        if self.placement.parallel == "ddp":
+        if self.ddp:
             torch.distributed.barrier()  # no rank exits (and gets the others killed) mid-save
         raise Interrupted(self.stop_signal)
+
+    @contextmanager
+    def _signals_deferred(self):
+        """While checkpoints and metrics are written, a second Ctrl-C waits for the write to end
+        (a KeyboardInterrupt inside torch.save breaks the file off), then leaves."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.leave_after_save:
+            raise Interrupted(signal.SIGINT)
 
     def _install_signal_handlers(self):
         import threading
@@ -407,32 +444,15 @@ class Trainer:
 
         def handler(signum, frame):
             if self.stop_signal is not None and signum == signal.SIGINT:
+                if self.deferring:
+                    self.leave_after_save = True
+                    return
                 raise KeyboardInterrupt  # second Ctrl-C: leave now
             self.stop_signal = signum
-            if self.placement.is_main:
-                warn(f"{signal.Signals(signum).name}: saving at the next step boundary")
+            self.console.warn(f"{signal.Signals(signum).name}: saving at the next step boundary")
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _restore_signal_handlers(self, previous) -> None:
         for sig, old in (previous or {}).items():
             signal.signal(sig, old)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Point `target` at `source`'s current bytes atomically. A hard link shares the inode, and
-    the next save of `source` replaces its inode, so `target` keeps this version."""
-    from trainkit.checkpoint import temp_path_for
-
-    tmp = temp_path_for(target)  # unguessable; os.link creates it exclusively
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # no hard links here (some network filesystems): a full copy
-            import shutil
-
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise TrainkitError(f"could not save checkpoint {target}: {error.strerror or error}") from None

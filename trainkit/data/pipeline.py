@@ -7,10 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from trainkit.config import DataConfig
-from trainkit.data.datasets import Split, Splits, build_splits, check_dataset_name
-from trainkit.data.loader import BatchTransform, LoaderSource, TensorSource
+from trainkit.data.augment import BatchTransform
+from trainkit.data.datasets import Split, Splits, build_splits
+from trainkit.data.loader import BatchSource, LoaderSource, TensorSource
 from trainkit.data.preprocess import Preprocess, compute_stats, stats_for
-from trainkit.reporting import say
+from trainkit.reporting import Console
+
+__all__ = ["BatchTransform", "DataBundle", "build_data", "check_parts", "fits_in_memory", "make_source"]
 
 
 @dataclass
@@ -20,18 +23,19 @@ class DataBundle:
     in_memory: bool  # the fast tensor path (else DataLoader)
 
 
-def use_memory(data: DataConfig, parts: list[Split], channels: int, image_size: int) -> bool:
-    """The fast tensor path (data.cache: memory, or auto and the parts fit the budget)? When
-    not, the parts' images are checked first: the tensor path decodes everything up front."""
+def fits_in_memory(data: DataConfig, parts: list[Split], channels: int, image_size: int) -> bool:
+    """The fast tensor path: data.cache memory, or auto and the parts fit cache_memory_gb."""
     if data.cache != "auto":
-        in_memory = data.cache == "memory"
-    else:
-        total = sum(part.nbytes(channels, image_size) for part in parts)
-        in_memory = total <= data.cache_memory_gb * 1e9
-    if not in_memory:
-        for part in parts:
-            part.check()
-    return in_memory
+        return data.cache == "memory"
+    total = sum(part.nbytes(channels, image_size) for part in parts)
+    return total <= data.cache_memory_gb * 1e9
+
+
+def check_parts(parts: list[Split]) -> None:
+    """Before a DataLoader run: decode every image once (the tensor path decodes them all up
+    front anyway), so that a corrupt file is named now, not an hour into training."""
+    for part in parts:
+        part.check()
 
 
 def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -41,24 +45,35 @@ def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return compute_stats(torch.stack([items[int(i)][0] for i in index]))
 
 
-def build_data(data: DataConfig, seed: int, splits_needed=("train", "val")) -> DataBundle:
+def build_data(data: DataConfig, seed: int, console: Console, splits_needed=("train", "val")) -> DataBundle:
     splits = build_splits(data, seed)
     parts = [splits.get(name) for name in dict.fromkeys(splits_needed)]
-    in_memory = use_memory(data, parts, splits.channels, splits.image_size)
+    in_memory = fits_in_memory(data, parts, splits.channels, splits.image_size)
+    if not in_memory:
+        check_parts(parts)
     stats = stats_for(data.normalization, data.name, splits.channels, splits.native_channels)
     if stats is None:
-        if in_memory:
-            stats = splits.train.pixel_stats()
-        else:
-            stats = _sample_stats(splits.train)
-        say(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)")
+        stats = splits.train.pixel_stats() if in_memory else _sample_stats(splits.train)
+        console.say(f"normalization: mean {list(stats[0])} std {list(stats[1])} (from train)")
     preprocess = Preprocess(splits.channels, splits.image_size, stats[0], stats[1])
     return DataBundle(splits, preprocess, in_memory)
 
 
-def make_source(split: Split, in_memory: bool, batch_size: int, seed: int, shuffle: bool,
-                device: torch.device, num_workers: int, rank: int = 0, world: int = 1):
+def make_source(
+    split: Split,
+    *,
+    in_memory: bool,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    device: torch.device,
+    num_workers: int,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+) -> BatchSource:
     if in_memory:
         images, labels = split.tensors()
-        return TensorSource(images, labels, batch_size, seed, shuffle, device, rank, world)
-    return LoaderSource(split.dataset(), batch_size, seed, shuffle, device, num_workers, rank, world)
+        return TensorSource(images, labels, batch_size, seed, shuffle, device, rank, world, drop_last)
+    dataset = split.dataset()
+    return LoaderSource(dataset, batch_size, seed, shuffle, device, num_workers, rank, world, drop_last)

@@ -24,8 +24,6 @@ MAX_IMAGE_PIXELS = 64_000_000
 ALPHA_BACKGROUND = (255, 255, 255)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
 KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -103,9 +101,10 @@ class Preprocess:
             std=tuple(float(s) for s in state["std"]),
         )
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 → float32 with (x / 255 - mean) / std, in one fused pass."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=images.device)
+    def normalize(self, images: torch.Tensor, value_range: float = 255.0) -> torch.Tensor:
+        """(B, C, H, W) → float32 (x / value_range - mean) / std, in one fused pass: the one
+        normalization formula (uint8 images have value_range 255, augmented floats 1)."""
+        scale = torch.tensor([1.0 / (value_range * s) for s in self.std], device=images.device)
         shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device)
         return torch.addcmul(-shift.view(1, -1, 1, 1), images.float(), scale.view(1, -1, 1, 1))
 
