@@ -157,13 +157,17 @@ class Reporter(Callback):
 
     def _write_row(self, row: dict[str, Any]) -> None:
         from trainkit.checkpoint import open_append
+        from trainkit.errors import TrainkitError
 
         new = not self.csv_path.exists()
-        with open_append(self.csv_path) as handle:  # never through a link, never a FIFO
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        try:
+            with open_append(self.csv_path) as handle:  # never through a link, never a FIFO
+                writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        except OSError as error:
+            raise TrainkitError(f"cannot write {self.csv_path}: {error.strerror or error}") from error
 
     def _stop_bar(self) -> None:
         if self.bar is not None:
