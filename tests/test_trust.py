@@ -98,6 +98,20 @@ def test_atomic_writes_never_follow_planted_links(tmp_path):
     ]
 
 
+def test_best_pt_links_follow_the_same_rule(tmp_path):
+    from trainkit.checkpoint import link_or_copy
+
+    victim = _victim(tmp_path)
+    atomic_save({"x": torch.ones(2)}, tmp_path / "last.pt")
+    (tmp_path / f".best.pt.tmp-{os.getpid()}").symlink_to(victim)  # the old guessable name
+    link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
+    (tmp_path / "epoch-1.pt").symlink_to(victim)
+    with pytest.raises(TrainkitError, match="symbolic link"):
+        link_or_copy(tmp_path / "last.pt", tmp_path / "epoch-1.pt")
+    assert victim.read_bytes() == VICTIM_BYTES
+
+
 def test_appends_refuse_links_fifos_and_hard_links(tmp_path):
     victim = _victim(tmp_path)
     (tmp_path / "metrics.csv").symlink_to(victim)
