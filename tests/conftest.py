@@ -27,7 +27,7 @@ TINY = {
     "model": {"name": "mlp", "hidden_sizes": [32]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "train": {"epochs": 2},
-    "log": {"progress": "plain", "tensorboard": True},
+    "log": {"progress": "plain", "tensorboard": True, "plots": False},  # drawing: tests/test_insight.py
 }
 
 

@@ -217,6 +217,10 @@ class LogConfig(Section):
         "auto", description="auto = rich bars on a terminal, plain lines otherwise"
     )
     every_n_steps: PositiveInt = Field(50, description="train-loss logging cadence, steps")
+    graph: bool = Field(False, description="write the model graph to TensorBoard (traces the model once)")
+    plots: bool = Field(
+        True, description="draw results.png, confusion_matrix.png and mistakes.png at the end of training"
+    )
 
 
 class Config(Section):

@@ -1,35 +1,45 @@
-"""Text output is data: the one escaping rule for names that come from files, folders or
-checkpoints, and the one JSON encoder (never NaN/Infinity, which JSON does not have)."""
+"""Showing untrusted text (file names, class names) safely, JSON without NaN, and writing
+artefact files.
+
+Class names come from folder names or checkpoints and file names from the disk: printed raw,
+a name can carry terminal escape sequences, newlines that forge extra output lines, rich
+markup, or matplotlib math (`$...$`). Everything shown passes through `printable` first.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import unicodedata
+from pathlib import Path
 from typing import Any
 
-_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+MAX_SHOWN = 200  # characters of one shown name
 
 
-def escape(text: Any) -> str:
-    """Control characters (tab, newline, terminal escape codes, bidi overrides, line separators)
-    written as backslash escapes, so a file or class name can neither forge an output line or
-    field nor drive the terminal. Everything else, including non-ASCII letters, is unchanged."""
+def printable(text: object, limit: int | None = MAX_SHOWN) -> str:
+    """Control and other non-printable characters as visible escapes (`\\x1b`, `\\n`,
+    `\\u202e`); a name longer than `limit` (None: no limit) is cut with an ellipsis."""
     text = str(text)
-    if text.isprintable():
-        return text
     out = []
     for char in text:
-        if char in _SHORT:
-            out.append(_SHORT[char])
-        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
-            code = ord(char)
-            out.append(
-                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-            )
-        else:
+        if char.isprintable():
             out.append(char)
-    return "".join(out)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    shown = "".join(out)
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def escape(text: object) -> str:
+    """`printable` without a length limit: for output that is data (predict's lines, error
+    messages), where a cut name could be mistaken for another."""
+    return printable(text, None)
 
 
 def finite_or_none(value: Any) -> Any:
@@ -43,6 +53,35 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-def to_json(value: Any) -> str:
-    """One line of strict JSON: a non-finite number is null, never the invalid `NaN`."""
-    return json.dumps(finite_or_none(value), allow_nan=False)
+def to_json(value: Any, **options: Any) -> str:
+    """Strict JSON: a non-finite number is null, never the invalid `NaN`."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **options)
+
+
+def plot_text(text: object, limit: int = 40) -> str:
+    """A name for a matplotlib label: printable, short, and `$` escaped (no mathtext)."""
+    return printable(text, limit).replace("$", r"\$")
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write atomically through the one file writer (`checkpoint.atomic_write`): an unguessable
+    temp name created exclusively beside `path`, fsync, os.replace; a symbolic link at `path`
+    or as its folder is refused, never written through."""
+    from trainkit.checkpoint import atomic_write
+
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(Path(path), lambda handle: handle.write(payload))
+
+
+def output_dir(path: str | Path) -> Path:
+    """Create a folder for artefacts (parents too); one-line error when that is impossible."""
+    from trainkit.errors import TrainkitError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainkitError(f"cannot create {path}: {error.strerror or error}") from None
+    if not path.is_dir():
+        raise TrainkitError(f"{path}: not a folder")
+    return path
