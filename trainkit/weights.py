@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from trainkit.checkpoint import load_torch_file, strip_module_prefix
+from trainkit.checkpoint import strip_module_prefix, torch_load
 from trainkit.errors import ConfigError, TrainkitError, unknown_choice
 
 SHOWN_NAMES = 3  # names listed per kind of mismatch in a report line
@@ -67,7 +67,7 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise TrainkitError(f"{path}: corrupt or not a safetensors file ({reason})") from None
     else:
-        state = load_torch_file(path, "cpu")
+        state = torch_load(path, "cpu")
         if isinstance(state, dict) and "format_version" in state and isinstance(state.get("model"), dict):
             state = state["model"]  # a trainkit checkpoint
         elif isinstance(state, dict) and not _all_tensors(state):
@@ -284,7 +284,7 @@ def load_for_inference(
         return load_checkpoint(path, map_location)
     path = Path(path)
     if path.suffix != ".safetensors":
-        raw = load_torch_file(path, "cpu")
+        raw = torch_load(path, "cpu")
         if isinstance(raw, dict) and "format_version" in raw:
             raise ConfigError(
                 "--config",
