@@ -337,7 +337,8 @@ def test_an_override_removes_a_key_to_switch_optimizers(cli, tmp_path):
     assert cli("config", config, "optim.name=adam").exit_code == 2
     result = cli("config", config, "optim.name=adam", "~optim.momentum")
     assert result.exit_code == 0, result
-    assert yaml.safe_load(result.stdout)["optim"] == {"name": "adam", "lr": 0.05}
+    optim = yaml.safe_load(result.stdout)["optim"]
+    assert optim == {"name": "adam", "lr": 0.05, "head_lr": None, "no_decay_norm_and_bias": False}
     missing = cli("config", config, "~optim.weight_decay")
     assert missing.exit_code == 2 and "optim.weight_decay: not set" in missing.stderr
 
