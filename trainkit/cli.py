@@ -39,6 +39,24 @@ def _started(ctx: typer.Context) -> float | None:
     return ctx.obj.get("started") if isinstance(ctx.obj, dict) else None
 
 
+def _interrupt_once(signum, frame) -> None:
+    """The process's Ctrl-C outside a run's own handling: one KeyboardInterrupt, after which
+    the process is leaving and further Ctrl-C are ignored (one that landed in the interpreter's
+    exit would end it by SIGINT instead of exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _leaving(ctx: typer.Context) -> None:
+    """A stop is being reported: from here on Ctrl-C changes nothing (the owner process only)."""
+    if _owns_process(ctx):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(verb, ctx: typer.Context) -> None:
     """Call a verb; a non-zero int it returns, and known failures (as one line), become the
     exit code."""
@@ -51,6 +69,7 @@ def _run(verb, ctx: typer.Context) -> None:
     except KeyboardInterrupt:
         if not _owns_process(ctx):
             raise
+        _leaving(ctx)
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
@@ -62,6 +81,8 @@ def _run(verb, ctx: typer.Context) -> None:
             raise
         from trainkit.errors import TrainkitError
 
+        if isinstance(error, Interrupted):
+            _leaving(ctx)
         code = getattr(error, "exit_code", 1)
         if isinstance(error, (TrainkitError, Interrupted)):
             message = str(error)
@@ -227,9 +248,12 @@ def _usage(message: str) -> None:
 
 
 def main() -> None:
+    import signal
     import time
 
-    app(obj={"owns_process": True, "started": time.perf_counter()})
+    started = time.perf_counter()
+    signal.signal(signal.SIGINT, _interrupt_once)
+    app(obj={"owns_process": True, "started": started})
 
 
 if __name__ == "__main__":
