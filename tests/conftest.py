@@ -27,7 +27,7 @@ TINY = {
     "model": {"name": "mlp", "hidden_sizes": [32]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "train": {"epochs": 2},
-    "log": {"progress": "plain", "tensorboard": True},
+    "log": {"progress": "plain", "tensorboard": True, "plots": False},  # drawing: tests/test_insight.py
 }
 
 
@@ -40,6 +40,12 @@ class Result:
 
     def __repr__(self) -> str:
         return f"exit {self.exit_code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path, monkeypatch):
+    """Tests never write into the real user cache directory (~/.cache/trainkit)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 @pytest.fixture

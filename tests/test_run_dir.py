@@ -121,10 +121,14 @@ def test_an_in_process_run_leaves_sigint_to_its_host(cli, tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(trainkit.trainer.Trainer, "train_step", step_then_ctrl_c)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        cli("train", write_config(tmp_path))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a host started in the background has SIGINT ignored: give it Python's own handler first
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli("train", write_config(tmp_path))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_whose_every_step_is_skipped_fails(cli, tmp_path, monkeypatch):

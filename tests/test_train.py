@@ -92,7 +92,12 @@ def test_eval_json_and_table(cli, trained):
     assert metrics["accuracy"] == pytest.approx(best["metrics"]["val_accuracy"])
 
     table = cli("eval", trained, "--split", "val")
-    assert table.exit_code == 0 and "per-class accuracy" in table.stdout and "circle" in table.stdout
+    assert (
+        table.exit_code == 0
+        and "per class" in table.stdout
+        and "recall" in table.stdout
+        and "circle" in table.stdout
+    )
 
 
 def test_eval_overrides_point_the_data_elsewhere(cli, trained):

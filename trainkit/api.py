@@ -107,21 +107,17 @@ def evaluate(
 def predict(
     checkpoint: str | Path, images: Any, *, topk: int = 1, device: str = "auto"
 ) -> list[dict[str, Any]]:
-    """Classify images as `trainkit predict --json` does; → one dict per image, in order:
+    """Classify images as `trainkit predict --json` does (`checkpoint` may be an .onnx export);
+    → one dict per image, in order:
     {"path", "label", "index", "prob", "topk": [{"label", "prob"}, …]}, or {"path", "error"} for
     an image that cannot be read. `images`: a path, folder or glob, a PIL image, or a list of
     them (a PIL image's "path" is None). An input that matches nothing raises TrainkitError."""
     import torch
 
-    from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
-    from trainkit.data.preprocess import Preprocess
-    from trainkit.runtime import pick_device
+    from trainkit.predict import load_classifier
 
-    target = pick_device(device)
-    state = load_checkpoint(checkpoint, map_location=target)
-    model = build_model_from_checkpoint(state, checkpoint).to(target).eval()
-    preprocess = Preprocess.from_dict(state["preprocess"])
-    classes = list(state["classes"])
+    classifier = load_classifier(Path(checkpoint), device)  # a checkpoint or an .onnx export
+    preprocess, classes = classifier.preprocess, classifier.classes
     k = max(1, min(int(topk), len(classes)))
     records, decoded = [], []  # decoded: (record index, uint8 (C, H, W))
     for path, image in _inputs(images):
@@ -133,7 +129,7 @@ def predict(
     for start in range(0, len(decoded), 256):
         chunk = decoded[start : start + 256]
         with torch.inference_mode():
-            logits = model(preprocess.normalize(torch.stack([x for _, x in chunk]).to(target)))  # (b, K)
+            logits = classifier(torch.stack([x for _, x in chunk]))  # (b, K)
             top_p, top_i = logits.float().softmax(dim=1).topk(k, dim=1)
         for (at, _), p_row, i_row in zip(chunk, top_p.tolist(), top_i.tolist()):
             ranked = [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)]

@@ -6,13 +6,15 @@ no allowlist, and a file that asks to run code is refused by torch's restricted 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -62,13 +64,28 @@ def remove_stale_temp_files(directory: Path) -> int:
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, os.replace, fsync the directory:
-    a crash at any moment leaves either the old file or the new one, never a torn one.
-    On failure the temp file is removed and the OSError raised."""
-    tmp = temp_path_for(path)
+    """torch.save through `atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """The one file writer: `write(handle)` fills a temp file in the same directory, then
+    fsync, os.replace, fsync the directory: a crash at any moment leaves either the old file
+    or the new one, never a torn one. The temp name is unpredictable and created exclusively
+    (mkstemp: O_CREAT|O_EXCL), so a link planted under a guessed name is never written through;
+    a final path that is a link is refused (os.replace would swap the link, but its target is
+    someone else's file). On failure the temp file is removed and the OSError raised."""
+    import tempfile
+
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", str(path))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+        # reopened by name without following links (a swap after mkstemp is refused)
+        with open(tmp, "wb", opener=lambda file, flags: os.open(file, flags | os.O_NOFOLLOW)) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

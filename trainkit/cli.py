@@ -181,11 +181,20 @@ def evaluate(
     overrides: list[str] | None = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.root=/other/data."
     ),
-    split: str = typer.Option("test", "--split", help="test | val | train"),
+    split: str | None = typer.Option(
+        None, "--split", help="test | val | train; default: test, or val when the data has no test split"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    save: str | None = typer.Option(
+        None,
+        "--save",
+        metavar="DIR",
+        help="Write eval.json, confusion_matrix.csv/.png, per_class.csv, mistakes.csv/.png into DIR.",
+    ),
 ) -> None:
-    """Loss, top-1, top-5 and per-class accuracy of a checkpoint on a data split."""
+    """Loss, accuracy, confusion matrix, per-class precision/recall/F1 and the most confident
+    mistakes of a checkpoint on a data split."""
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         _usage(f"unexpected argument '{bad[0]}' (overrides are key=value)")
@@ -193,7 +202,7 @@ def evaluate(
     def verb():
         from trainkit.evaluate import print_metrics, run_eval
 
-        print_metrics(run_eval(checkpoint, overrides or [], split, device), as_json)
+        print_metrics(run_eval(checkpoint, overrides or [], split, device, save), as_json)
 
     _run(verb, ctx)
 
@@ -208,13 +217,114 @@ def predict(
     topk: int = typer.Option(1, "--topk", "-k", min=1, help="Classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    out: str | None = typer.Option(
+        None, "--out", metavar="FILE", help="Write the predictions to FILE.csv or FILE.jsonl instead."
+    ),
+    sort_into: str | None = typer.Option(
+        None, "--sort-into", metavar="DIR", help="Hard-link (or copy) each image into DIR/<label>/."
+    ),
+    copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy instead of hard links."),
 ) -> None:
     """Classify images: one line per image with label and probability."""
 
     def verb():
         from trainkit.predict import run_predict
 
-        return run_predict(inputs, checkpoint, topk, as_json, device)
+        return run_predict(inputs, checkpoint, topk, as_json, device, out, sort_into, copy)
+
+    _run(verb, ctx)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="One or more run directories."),
+    out: str | None = typer.Option(
+        None,
+        "-o",
+        "--out",
+        metavar="FILE",
+        help="Default: RUN_DIR/report.html, or ./report.html for several.",
+    ),
+) -> None:
+    """One self-contained HTML page: curves, confusion matrix, per-class table, mistakes, config,
+    environment and timing; several runs get a comparison table and overlaid curves."""
+
+    def verb():
+        from trainkit.report import run_report
+
+        print(run_report(run_dirs, out))
+
+    _run(verb, ctx)
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    target: str = typer.Argument(
+        ..., metavar="DATA_CONFIG_OR_FOLDER", help="A YAML config or an image folder."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 on leakage across splits or unreadable files."
+    ),
+    save: str | None = typer.Option(
+        None, "--save", metavar="DIR", help="Write inspect.json and samples.png (a grid per class) into DIR."
+    ),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Decoding processes (first run)."),
+) -> None:
+    """Look at the data before training: class counts, sizes and modes, unreadable files, exact
+    duplicates across and within splits, a suggested image_size and its memory."""
+
+    def verb():
+        from trainkit.inspect import run_inspect
+
+        return run_inspect(target, as_json, strict, save, workers)
+
+    _run(verb, ctx)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="A checkpoint file (e.g. runs/x/checkpoints/best.pt)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | torchscript | safetensors | trainkit"),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output file; default: next to the checkpoint (best.onnx, ...)."
+    ),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset version (default 20; 18 and up)."),
+    with_preprocess: bool = typer.Option(
+        False, "--with-preprocess", help="Bake normalisation in: the model takes uint8 N×C×H×W images."
+    ),
+    images: list[str] | None = typer.Option(
+        None,
+        "--images",
+        help="Image file, folder or glob for the parity check (repeatable; default: the checkpoint's "
+        "validation data).",
+    ),
+    num_images: int | None = typer.Option(
+        None, "--num-images", "-n", help="Images in the parity check (default 64)."
+    ),
+    tolerance: float | None = typer.Option(
+        None, "--tolerance", help="Max abs logit difference allowed (default 1e-4)."
+    ),
+) -> None:
+    """Export a checkpoint, load the file back with its own runtime and check it gives the same
+    logits as the original (exit 1 above --tolerance, the file kept)."""
+
+    def verb():
+        from trainkit.export import report, run_export
+
+        given = {"opset": opset, "num_images": num_images, "tolerance": tolerance}
+        result = run_export(
+            checkpoint,
+            fmt,
+            output,
+            with_preprocess=with_preprocess,
+            image_paths=images,
+            **{key: value for key, value in given.items() if value is not None},
+        )
+        return report(result, fmt, checkpoint)
 
     _run(verb, ctx)
 
@@ -238,6 +348,26 @@ def config(
         resolved = load_config(config_path, overrides)
         check_config(resolved)
         sys.stdout.write(dump_config(resolved))
+
+    _run(verb, ctx)
+
+
+@app.command()
+def cache(
+    ctx: typer.Context,
+    action: str = typer.Argument(..., metavar="list|clean", help="list: sizes and places; clean: delete."),
+    root: str | None = typer.Argument(
+        None, help="A dataset folder (or a data.cache_dir); default: every cache in the user cache folder."
+    ),
+) -> None:
+    """The decoded-image caches: where they are and how big (list), or remove them (clean)."""
+    if action not in ("list", "clean"):
+        _usage(f"unknown cache action '{action}'; choices: list, clean")
+
+    def verb():
+        from trainkit.data.cache import run_cache
+
+        return run_cache(action, root)
 
     _run(verb, ctx)
 

@@ -107,8 +107,11 @@ class DataConfig(Section):
     cache_memory_gb: PositiveFloat = Field(4.0, description="memory budget of the tensor path")
     cache_dir: str | None = Field(
         None,
-        description="where decoded ImageFolder caches go; null = <root>/.trainkit_cache, or "
-        "the user cache directory when root is read-only",
+        description="where decoded ImageFolder caches go; null = <root>/.trainkit_cache when "
+        "you own and can write root, else $XDG_CACHE_HOME/trainkit/<folder>-<digest>",
+    )
+    cache_max_gb: PositiveFloat = Field(
+        20.0, description="disk budget of a cache folder; least recently used caches go first"
     )
     skip_bad_images: bool = Field(
         False, description="skip unreadable images with a warning instead of failing"
@@ -198,6 +201,10 @@ class LogConfig(Section):
         "auto", description="auto = rich bars on a terminal, plain lines otherwise"
     )
     every_n_steps: PositiveInt = Field(50, description="train-loss logging cadence, steps")
+    graph: bool = Field(False, description="write the model graph to TensorBoard (traces the model once)")
+    plots: bool = Field(
+        True, description="draw results.png, confusion_matrix.png and mistakes.png at the end of training"
+    )
 
 
 class Config(Section):

@@ -45,16 +45,60 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), errors  # a file named twice is predicted once
 
 
-def run_predict(
-    inputs: list[str], checkpoint: str | None, topk: int, as_json: bool, device: str = "auto"
-) -> int:
-    """Print one line per image; unreadable images get one error line. → exit code."""
+def load_classifier(path: Path, device: str = "auto", on_state=None):
+    """A checkpoint (run by torch on `device`) or an exported .onnx (run by onnxruntime on the
+    CPU, with the preprocessing and classes stored in the file). `on_state` sees a checkpoint's
+    loaded dict (to describe it) before the model is built."""
+    from trainkit.export import file_kind, onnx_classifier, torch_classifier
+
+    if file_kind(path) == "onnx":
+        if device not in ("auto", "cpu"):
+            raise TrainkitError(f"{path}: ONNX models run on the CPU here; drop --device {device}")
+        return onnx_classifier(path)
     target = pick_device(device)
-    path = Path(checkpoint) if checkpoint else find_default_checkpoint()
     state = load_checkpoint(path, map_location=target)
+    if on_state is not None:
+        on_state(state)
     model = build_model_from_checkpoint(state, path).to(target).eval()
-    preprocess = Preprocess.from_dict(state["preprocess"])
-    classes = list(state["classes"])
+    return torch_classifier(model, Preprocess.from_dict(state["preprocess"]), list(state["classes"]))
+
+
+def describe_checkpoint(path: Path, state: dict) -> str:
+    """`runs/x/checkpoints/best.pt (run x, val_accuracy 95.20% at epoch 4)`."""
+    from trainkit.text import printable
+
+    run = path.resolve().parent.parent.name if path.parent.name == "checkpoints" else "?"
+    monitor, value = state.get("monitor"), state.get("best_metric")
+    detail = f"run {printable(run)}"
+    if isinstance(value, (int, float)) and monitor:
+        shown = f"{value:.4f}" if monitor == "val_loss" else f"{100 * value:.2f}%"
+        detail += f", {monitor} {shown} at epoch {state.get('best_epoch')}"
+    return f"{printable(path)} ({detail})"
+
+
+def run_predict(
+    inputs: list[str],
+    checkpoint: str | None,
+    topk: int,
+    as_json: bool,
+    device: str = "auto",
+    out: str | None = None,
+    sort_into: str | None = None,
+    copy: bool = False,
+) -> int:
+    """Print one line per image (or write them to `out`); unreadable images get one error
+    line. → exit code."""
+    from trainkit.predict_out import PredictionFile, Sorter
+
+    path = Path(checkpoint) if checkpoint else find_default_checkpoint()
+
+    def announce(state: dict) -> None:  # the newest best.pt under runs/ may not be the one meant
+        print(f"using {describe_checkpoint(path, state)}", file=sys.stderr)
+
+    classifier = load_classifier(path, device, on_state=None if checkpoint else announce)
+    preprocess, classes = classifier.preprocess, classifier.classes
+    output = PredictionFile(out, max(1, min(topk, len(classes)))) if out else None
+    sorter = Sorter(sort_into, copy) if sort_into else None
     k = max(1, min(topk, len(classes)))
 
     paths, errors = expand_inputs(inputs)
@@ -73,23 +117,35 @@ def run_predict(
         if not batch:
             continue
         with torch.inference_mode():
-            logits = model(preprocess.normalize(torch.stack(batch).to(target)))  # (b, K)
+            logits = classifier(torch.stack(batch))  # (b, K)
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
-            if as_json:
-                record = {
-                    "path": str(image_path),
-                    "label": classes[i_row[0]],
-                    "index": i_row[0],
-                    "prob": p_row[0],
-                    "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
-                }
+            record = {
+                "path": str(image_path),
+                "label": classes[i_row[0]],
+                "index": i_row[0],
+                "prob": p_row[0],
+                "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
+            }
+            if sorter is not None:
+                sorter.add(image_path, classes[i_row[0]])
+            if output is not None:
+                output.add(record)
+            elif as_json:
                 print(json.dumps(record))
             else:
                 extra = "  ".join(f"{classes[i]} {p:.3f}" for i, p in zip(i_row[1:], p_row[1:]))
                 print(f"{image_path}\t{classes[i_row[0]]}\t{p_row[0]:.4f}" + (f"\t{extra}" if extra else ""))
         sys.stdout.flush()
+    if output is not None:
+        output.close()
+        print(f"wrote {len(output.records)} predictions to {output.path}", file=sys.stderr)
+    if sorter is not None:
+        sorter.close()
+        how = f", {sorter.copied} copied" if sorter.copied else ""
+        placed = sum(sorter.counts.values())
+        print(f"sorted {placed} images into {sorter.root}/<label>/ (hard links{how})", file=sys.stderr)
     if not paths and not errors:
         print("error: no images found in the inputs", file=sys.stderr)
         return 1

@@ -37,14 +37,58 @@ class Console:
     def say(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
+            console_log.write(message)
 
     def note(self, message: str) -> None:
         """A side remark (e.g. decoding progress) on stderr, leaving stdout to results."""
         if self.enabled:
             print(message, file=sys.stderr, flush=True)
+            console_log.write(message)
 
     def warn(self, message: str) -> None:
         self.note(f"warning: {message}")
+
+
+class ConsoleLog:
+    """The console lines (say/note/warn) as plain text: kept from the start of a run (a few
+    hundred lines, for what is said before the run directory exists), then appended to
+    <run>/train.log once `open(path)` is called."""
+
+    KEPT = 500
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.handle = None
+
+    def write(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n"
+        if self.handle is not None:
+            self.handle.write(line)
+            self.handle.flush()
+        elif len(self.lines) < self.KEPT:
+            self.lines.append(line)
+
+    def begin(self) -> None:
+        self.close()
+        self.lines = []
+
+    def open(self, path: Path) -> None:
+        import os
+
+        self.close()
+        # O_NOFOLLOW: train.log is never written through a symlink planted in the run directory
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        self.handle = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        self.handle.writelines(self.lines)
+        self.lines = []
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+console_log = ConsoleLog()
 
 
 # For code that runs before a run's placement exists (data preparation, the decoded cache):
@@ -72,12 +116,22 @@ class Reporter(Callback):
     command started: the first training step is reported relative to it.
     """
 
-    def __init__(self, run_dir: Path, log: LogConfig, epochs: int, console: Console, started: float):
+    def __init__(
+        self,
+        run_dir: Path,
+        log: LogConfig,
+        epochs: int,
+        console: Console,
+        started: float,
+        num_classes: int = 0,
+    ):
         self.log, self.epochs, self.run_dir, self.console = log, epochs, run_dir, console
         self.started = started
+        self.show_top5 = num_classes > 5  # on 5 classes or fewer top-5 is always 100 %
         self.writer = None
         self.bar = None
         self.first_step_seen = False
+        self.logged_step = -1  # the global step train/loss and train/lr were last written at
         mode = log.progress
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
@@ -124,6 +178,7 @@ class Reporter(Callback):
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step.global_step)
             self.writer.add_scalar("train/lr", step.lr, step.global_step)
+            self.logged_step = step.global_step
         if self.mode == "plain":
             speed = f"{step.images_per_s:,.0f} img/s"
             self.console.say(
@@ -135,6 +190,9 @@ class Reporter(Callback):
         self._stop_bar()
         self._write_row(row)
         if self.writer is not None:
+            step = row["global_step"]
+            if self.logged_step != step and row.get("lr") is not None:
+                self.writer.add_scalar("train/lr", row["lr"], step)  # epochs shorter than every_n_steps
             for key in (
                 "train_loss",
                 "train_accuracy",
@@ -143,13 +201,15 @@ class Reporter(Callback):
                 "val_top5",
                 "images_per_s",
             ):
+                if key == "train_loss" and self.logged_step == step:
+                    continue  # on_step_end wrote this step's point (the same value: the epoch's mean)
                 if row.get(key) is not None:
                     group = "train" if key.startswith("train") or key == "images_per_s" else "val"
                     name = key.split("_", 1)[1] if key != "images_per_s" else key
                     self.writer.add_scalar(f"{group}/{name}", row[key], row["global_step"])
             self.writer.flush()
         if self.mode != "none":
-            self.console.say(epoch_line(row, self.epochs))
+            self.console.say(epoch_line(row, self.epochs, self.show_top5))
 
     def _write_row(self, row: dict[str, Any]) -> None:
         new = not self.csv_path.exists()
@@ -171,7 +231,7 @@ class Reporter(Callback):
             self.writer = None
 
 
-def epoch_line(row: dict[str, Any], epochs: int) -> str:
+def epoch_line(row: dict[str, Any], epochs: int, show_top5: bool = True) -> str:
     parts = [
         f"epoch {row['epoch']}/{epochs}",
         f"train_loss {row['train_loss']:.4f}",
@@ -181,8 +241,7 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
         parts += [
             f"val_loss {row['val_loss']:.4f}",
             f"val_acc {100 * row['val_accuracy']:.2f}%",
-            f"top5 {100 * row['val_top5']:.2f}%",
-        ]
+        ] + ([f"top5 {100 * row['val_top5']:.2f}%"] if show_top5 else [])
     parts += [f"{row['images_per_s']:,.0f} img/s", f"{row['epoch_seconds']:.1f} s"]
     return "  ".join(parts)
 

@@ -24,7 +24,7 @@ from trainkit.checkpoint import FORMAT_VERSION, CheckpointWriter, load_checkpoin
 from trainkit.config import Config, apply_overrides, config_from_dict, dump_config
 from trainkit.errors import ConfigError, RunLocked, TrainkitError
 from trainkit.monitor import Monitor
-from trainkit.reporting import Console, Reporter
+from trainkit.reporting import Console, Reporter, console_log
 
 
 def check_config(config: Config) -> None:
@@ -197,6 +197,8 @@ def plan_resume(
     lock = lock_run_dir(run_dir, create=False) if run_dir is not None and take_lock else None
     try:
         state = load_checkpoint(path, map_location="cpu")
+        if "optimizer" not in state:  # a slim export keeps the weights, not the training state
+            raise TrainkitError(f"{path}: a slim checkpoint (no optimizer state); resume from last.pt")
         config = resumed_config(state["config"], given, overrides, path)
         done_epochs, saved_epochs = int(state["epoch"]), int(state["config"]["train"]["epochs"])
         if config.train.epochs <= done_epochs and int(state["batch_in_epoch"]) == 0:
@@ -265,6 +267,7 @@ class Built:
     val_source: Any
     bundle: Any  # trainkit.data.pipeline.DataBundle
     data_line: str  # what the data line of the run's output says
+    data_seconds: float | None = None  # data preparation time (decoding on a first run)
 
 
 def build_model_checked(
@@ -386,7 +389,6 @@ def build_run(config: Config, *, placement, console: Console) -> Built:
     data_began = time.perf_counter()
     with local_main_first(placement):
         bundle = build_data(data_cfg, config.run.seed, console)
-    data_seconds = time.perf_counter() - data_began  # decoding on a first run, a cache load after
     spec = model_spec(config, bundle.splits)
     model = build_model_checked(
         spec,
@@ -399,6 +401,8 @@ def build_run(config: Config, *, placement, console: Console) -> Built:
     optimizer = build_optimizer(config.optim, model)
     drop_last = _batchnorm_drop_last(model, config, len(bundle.splits.train), placement.world, console)
     train_source, val_source = make_sources(config, bundle, placement=placement, drop_last=drop_last)
+    # all of the wait for data before the first step: both splits' decoding or cache loads
+    data_seconds = time.perf_counter() - data_began
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
     monitor = Monitor.for_metric(config.train.monitor)
     schedule = build_scheduler(config.sched, optimizer, steps_per_epoch, config.train.epochs, monitor.mode)
@@ -415,6 +419,7 @@ def build_run(config: Config, *, placement, console: Console) -> Built:
         val_source,
         bundle,
         data_line=_data_line(config, bundle, data_seconds, placement),
+        data_seconds=data_seconds,
     )
 
 
@@ -499,15 +504,32 @@ def open_run_dir(
 
 
 def run_callbacks(
-    config: Config, run_dir: Path, *, placement, console: Console, started: float
+    config: Config, run_dir: Path, *, placement, console: Console, started: float, built: Built | None = None
 ) -> list[Callback]:
-    """The run's own callbacks: the checkpoint writer, then the reporter (main process only)."""
+    """The run's own callbacks: the checkpoint writer, the reporter, then what a run leaves to
+    look at (summary line, TensorBoard images and PR curves, train.log; main process only)."""
     if not placement.is_main:
         return []
     writer = CheckpointWriter(
         run_dir / "checkpoints", top_k=config.train.save_top_k, every_epochs=config.train.save_every_epochs
     )
-    return [writer, Reporter(run_dir, config.log, config.train.epochs, console, started)]
+    num_classes = built.spec["num_classes"] if built is not None else 0
+    reporter = Reporter(run_dir, config.log, config.train.epochs, console, started, num_classes)
+    if built is None:
+        return [writer, reporter]
+    from trainkit.insight import RunInsight
+
+    console_log.open(run_dir / "train.log")
+    insight = RunInsight(
+        run_dir,
+        console=console,
+        bundle=built.bundle,
+        log=config.log,
+        seed=config.run.seed,
+        writer=reporter.writer,
+        data_seconds=built.data_seconds,
+    )
+    return [writer, reporter, insight]
 
 
 def run_train(
@@ -526,6 +548,7 @@ def run_train(
     from trainkit.runtime import is_main_process, resolve_placement, shutdown_distributed
 
     started = time.perf_counter() if started is None else started
+    console_log.begin()  # train.log starts with this run's lines
     plan = None
     if resume:
         main = is_main_process()
@@ -534,6 +557,9 @@ def run_train(
     lock = plan.lock if plan is not None else None
     try:
         check_config(config)
+        # The data folder is saved resolved, so that eval finds it from any working directory.
+        root = os.path.abspath(os.path.expanduser(config.data.root))
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
         placement = resolve_placement(config.train.device, config.train.parallel)
         console = Console(enabled=placement.is_main)
         built = build_run(config, placement=placement, console=console)
@@ -548,12 +574,19 @@ def run_train(
         if plan is not None:
             s = trainer.state
             console.say(f"resumed at epoch {s.epoch + 1}, batch {s.batch_in_epoch}, step {s.global_step}")
-        own = run_callbacks(config, run_dir, placement=placement, console=console, started=started)
+        own = run_callbacks(
+            config, run_dir, placement=placement, console=console, started=started, built=built
+        )
         trainer.callbacks.callbacks[:] = [*own, *callbacks]
         trainer.fit()
         shutdown_distributed()
-        return summarize(run_dir, trainer, console=console)
+        summary = summarize(run_dir, trainer, console=console)
+        for callback in own:  # after the process group is gone: no rank waits on this
+            if hasattr(callback, "finish"):
+                callback.finish(trainer, config.data)
+        return summary
     finally:
+        console_log.close()
         release_lock(lock)
 
 

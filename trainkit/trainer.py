@@ -91,8 +91,10 @@ def evaluate(
     loss_fn: nn.Module,
     num_classes: int,
     precision: str = "32",
+    outputs: list | None = None,
 ) -> dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy over a batch source (summed over ranks)."""
+    """Loss, top-1, top-5 and per-class accuracy over a batch source (summed over ranks).
+    `outputs`, when a list, gets this process's (probabilities (b, K), labels (b,)) on the CPU."""
     model.eval()
     device = source.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -114,6 +116,8 @@ def evaluate(
         hits[1] += (ranked == labels[:, None]).any(dim=1).sum()
         class_total += torch.bincount(labels, minlength=num_classes)
         class_correct += torch.bincount(labels[hit1], minlength=num_classes)
+        if outputs is not None and len(outputs) * labels.shape[0] * num_classes < 20_000_000:  # PR-curve cap
+            outputs.append((logits.softmax(dim=1).cpu(), labels.cpu()))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         packed = torch.cat([loss_sum.view(1), hits.double(), class_total.double(), class_correct.double()])
         torch.distributed.all_reduce(packed)
@@ -214,6 +218,8 @@ class Trainer:
         self.epoch_began = time.perf_counter()
         self.stops = StopRequests(console)
         self.callback_states: dict[str, Any] = {}
+        self.keep_eval_outputs = False  # a callback asks for the probabilities (PR curves)
+        self.last_evaluation: dict[str, Any] | None = None  # for callbacks at epoch_end
 
     @property
     def batches_per_epoch(self) -> int:
@@ -331,7 +337,8 @@ class Trainer:
             self.callbacks.fire("fit_start", self)
             while self.state.epoch < self.cfg.epochs:
                 self.run_epoch()
-                if self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience:
+                stop = self.cfg.patience is not None and self.state.bad_evals >= self.cfg.patience
+                if stop and self.state.epoch < self.cfg.epochs:  # after the last epoch nothing is stopped
                     patience, name = self.cfg.patience, self.monitor.name
                     self.console.say(f"early stopping: {name} did not improve for {patience} evaluations")
                     break
@@ -373,9 +380,15 @@ class Trainer:
         # Under DDP the plain module evaluates: each rank its own shard, no collective in the
         # forward (buffer broadcasts would hang when ranks have unequal numbers of batches).
         model = unwrap_model(self.model) if self.ddp else self.model
-        return evaluate(
-            model, self.val_source, self.eval_transform, self.loss_fn, self.num_classes, self.cfg.precision
+        outputs = [] if self.keep_eval_outputs else None
+        source, transform = self.val_source, self.eval_transform
+        metrics = evaluate(
+            model, source, transform, self.loss_fn, self.num_classes, self.cfg.precision, outputs
         )
+        if outputs is not None:
+            metrics["outputs"] = outputs
+        self.last_evaluation = metrics
+        return metrics
 
     def _update_best(self, value: float) -> bool:
         if self.monitor.is_better(value, self.state.best_metric):

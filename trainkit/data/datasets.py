@@ -16,9 +16,16 @@ import torch
 from torch.utils.data import Dataset
 
 from trainkit.config import DataConfig
-from trainkit.data.preprocess import IMAGE_EXTENSIONS, compute_stats, decode_image, image_files, resize, to_channels
+from trainkit.data.preprocess import (
+    IMAGE_EXTENSIONS,
+    compute_stats,
+    decode_image,
+    image_files,
+    resize,
+    to_channels,
+)
 from trainkit.errors import ConfigError, TrainkitError, unknown_choice
-
+from trainkit.reporting import note, warn
 
 
 class Split:
@@ -282,42 +289,136 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
     return build
 
 
+MAX_NATIVE_SIDE = 512  # with image_size unset, larger images need it set
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, list[str]]:
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    classes = classes or found
-    if not classes:
+    """Files of <folder>/<class>/…; classes from the folder names unless given (val/test
+    take train's). A class folder without images is refused in train (it would become a
+    class the model can never learn) and named in a warning elsewhere."""
+    found = _class_folders(folder)
+    if not (classes or found):
         raise TrainkitError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
-    index = {name: i for i, name in enumerate(classes)}
+    index = {name: i for i, name in enumerate(classes or found)}
     files = FileList([], [], [])
+    empty = []
     for name in found:
         if name not in index:
             raise TrainkitError(f"{folder / name}: class not in the training classes")
-        for path, size, mtime in image_files(str(folder / name)):
+        listed = image_files(str(folder / name))
+        if not listed:
+            empty.append(name)
+        for path, size, mtime in listed:
             files.paths.append(path)
             files.labels.append(index[name])
             files.stamps.append((size, mtime))
     if not files.paths:
         raise TrainkitError(f"{folder}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files, classes
+    if empty and classes is None:
+        shown = ", ".join(str(folder / name) for name in empty[:5]) + (" …" if len(empty) > 5 else "")
+        raise TrainkitError(f"class folder(s) without images: {shown}; remove them or add images")
+    if empty:
+        warn(f"{folder}: no images for class(es) {', '.join(empty[:10])}")
+    return files, classes or found
 
 
-def _imagefolder(data: DataConfig) -> RawSplits:
+def _has_images_below(folder: Path, names: list[str]) -> bool:
+    return any(image_files(str(folder / name)) for name in names[:50])
+
+
+def _probe_images(paths: list[str], data: DataConfig) -> tuple[int, int]:
+    """(channels, side) the images suggest when the config leaves them unset. The headers of
+    up to 200 files spread over the sorted list are read (no pixels). Differing sizes are a
+    config error listing what was found: one odd image must never set the resolution."""
+    from collections import Counter
+
     from PIL import Image
 
+    if data.channels and data.image_size:
+        return data.channels, data.image_size
+    step = max(1, len(paths) // 200)
+    sample = paths[::step][:200]
+    sizes, modes = Counter(), set()
+    for path in sample:
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] += 1
+                modes.add(image.mode)
+        except (OSError, ValueError, SyntaxError) as error:  # named by the decode pass later
+            if path == sample[0] and len(sample) == 1:
+                raise TrainkitError(f"{path}: cannot read image ({error})") from None
+    grey = {"1", "L", "LA", "I", "I;16", "F"}
+    channels = 1 if modes and modes <= grey else 3
+    if data.image_size or not sizes:
+        return channels, data.image_size or 32
+    if len(sizes) > 1:
+        shorter = sorted(min(size) for size in sizes.elements())
+        suggestion = max(16, min(224, shorter[len(shorter) // 2]))
+        found = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(6))
+        more = f" and {len(sizes) - 6} more" if len(sizes) > 6 else ""
+        raise ConfigError(
+            "data.image_size",
+            f"the images have different sizes ({found}{more} in a sample of {len(sample)}); "
+            f"set one, e.g. data.image_size={suggestion}",
+        )
+    ((width, height),) = sizes
+    if max(width, height) > MAX_NATIVE_SIDE:  # photos: a model is never trained at 2592 px unasked
+        raise ConfigError(
+            "data.image_size",
+            f"the images are {width}x{height}; set the training size, e.g. data.image_size=224 "
+            f"(unset, it is the images' own size only up to {MAX_NATIVE_SIDE} px)",
+        )
+    return channels, max(width, height)
+
+
+def _imagefolder(data: DataConfig, split: str | None = None, classes: list[str] | None = None) -> RawSplits:
+    """<root>/train/<class>/… (+ val/, test/). With `split` and `classes` (eval), only that
+    split's folder is needed. A root that holds class folders directly (no train/) is taken
+    as the training set, with val_fraction held out."""
     root = Path(data.root)
+    if not root.is_dir():
+        raise TrainkitError(f"imagefolder: {root} not found")
+    if split in ("val", "test") and classes and (root / split).is_dir():
+        only = _scan_folder(root / split, classes)[0]
+        channels, size = _probe_images(only.paths, data)
+        return RawSplits(
+            only,
+            only if split == "val" else None,
+            only if split == "test" else None,
+            classes,
+            channels,
+            size,
+            "files",
+        )
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise TrainkitError(f"imagefolder: {train_dir} not found (expected {root}/train/<class>/...)")
-    train, classes = _scan_folder(train_dir, None)
-    val = _scan_folder(root / "val", classes)[0] if (root / "val").is_dir() else None
-    test = _scan_folder(root / "test", classes)[0] if (root / "test").is_dir() else None
-    try:
-        with Image.open(train.paths[0]) as first:
-            mode, (width, height) = first.mode, first.size
-    except OSError as error:
-        raise TrainkitError(f"{train.paths[0]}: cannot read image ({error})") from None
-    channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return RawSplits(train, val, test, classes, channels, max(width, height), "files")
+        found = _class_folders(root)
+        if found and not {"val", "test"} & set(found) and _has_images_below(root, found):
+            note(
+                f"imagefolder: no train/ under {root}; using its {len(found)} class folders "
+                f"({', '.join(found[:5])}{', …' if len(found) > 5 else ''}) as the training set"
+            )
+            train_dir = root
+        else:
+            what = f"folders {', '.join(found[:8])}" if found else "no folders"
+            raise TrainkitError(
+                f"imagefolder: {train_dir} not found ({root} holds {what}); expected "
+                f"{root}/train/<class>/<image>, or {root}/<class>/<image>"
+            )
+    train, classes = _scan_folder(train_dir, classes)
+    if len(classes) < 2:
+        raise TrainkitError(
+            f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class folders"
+        )
+    extra = root if train_dir == root else None
+    val = _scan_folder(root / "val", classes)[0] if not extra and (root / "val").is_dir() else None
+    test = _scan_folder(root / "test", classes)[0] if not extra and (root / "test").is_dir() else None
+    channels, size = _probe_images(train.paths, data)
+    return RawSplits(train, val, test, classes, channels, size, "files")
 
 
 DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {
@@ -335,10 +436,17 @@ def check_dataset_name(name: str) -> None:
         raise ConfigError("data.name", unknown_choice("dataset", name, DATASETS))
 
 
-def build_splits(data: DataConfig, seed: int) -> Splits:
-    """Build the train/val/test splits. See the README for how val and test are chosen."""
+def build_splits(
+    data: DataConfig, seed: int, split: str | None = None, classes: list[str] | None = None
+) -> Splits:
+    """Build the train/val/test splits. See the README for how val and test are chosen.
+    Evaluation passes the one `split` it needs and the checkpoint's `classes`: an image folder
+    with only that split's folder (no train/) is enough then."""
     check_dataset_name(data.name)
-    raw = DATASETS[data.name](data)
+    if data.name == "imagefolder":
+        raw = _imagefolder(data, split, classes)
+    else:
+        raw = DATASETS[data.name](data)
     channels = data.channels or raw.native_channels
     size = data.image_size or raw.native_size
 
@@ -367,4 +475,8 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
         train = train.subset(order[held:].sort().values)
     val = val or test
     test = test or val
+    if len(raw.classes) < 2:
+        raise TrainkitError(
+            f"{data.name}: only one class ({raw.classes[0]}); a classifier needs at least two"
+        )
     return Splits(train, val, test, raw.classes, channels, size, raw.native_channels)

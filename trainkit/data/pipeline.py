@@ -11,6 +11,7 @@ from trainkit.data.augment import BatchTransform
 from trainkit.data.datasets import Split, Splits, build_splits
 from trainkit.data.loader import BatchSource, LoaderSource, TensorSource
 from trainkit.data.preprocess import Preprocess, compute_stats, stats_for
+from trainkit.errors import ConfigError
 from trainkit.reporting import Console
 
 __all__ = ["BatchTransform", "DataBundle", "build_data", "check_parts", "fits_in_memory", "make_source"]
@@ -24,11 +25,20 @@ class DataBundle:
 
 
 def fits_in_memory(data: DataConfig, parts: list[Split], channels: int, image_size: int) -> bool:
-    """The fast tensor path: data.cache memory, or auto and the parts fit cache_memory_gb."""
+    """The fast tensor path: data.cache memory, or auto and the parts fit cache_memory_gb.
+    `memory` over the budget is refused here, before anything is allocated."""
+    total = sum(part.nbytes(channels, image_size) for part in parts)
+    budget = data.cache_memory_gb * 1e9
+    if data.cache == "memory" and total > budget:
+        raise ConfigError(
+            "data.cache",
+            f"memory needs {total / 1e9:.1f} GB for {sum(len(p) for p in parts)} images at "
+            f"{channels}x{image_size}x{image_size}, over data.cache_memory_gb={data.cache_memory_gb:g}; "
+            "raise it, lower data.image_size, or set data.cache=none",
+        )
     if data.cache != "auto":
         return data.cache == "memory"
-    total = sum(part.nbytes(channels, image_size) for part in parts)
-    return total <= data.cache_memory_gb * 1e9
+    return total <= budget
 
 
 def check_parts(parts: list[Split]) -> None:
@@ -39,10 +49,12 @@ def check_parts(parts: list[Split]) -> None:
 
 
 def _sample_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from up to 2000 images, streamed one at a time: at a large image_size the
+    sample would not fit in memory at once (2000 x 3x4096x4096 is 100 GB)."""
     items = split.dataset()
     count = min(len(items), 2000)
     index = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:count]
-    return compute_stats(torch.stack([items[int(i)][0] for i in index]))
+    return compute_stats(items[int(i)][0].unsqueeze(0) for i in index)
 
 
 def build_data(data: DataConfig, seed: int, console: Console, splits_needed=("train", "val")) -> DataBundle:

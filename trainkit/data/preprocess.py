@@ -42,6 +42,7 @@ def image_files(directory: str) -> list[tuple[str, int, int]]:
     entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images).
     """
     found: list[tuple[str, int, int]] = []
+    dangling: list[str] = []
     pending = [directory]
     while pending:
         with os.scandir(pending.pop()) as entries:
@@ -51,9 +52,18 @@ def image_files(directory: str) -> list[tuple[str, int, int]]:
                     continue
                 if entry.is_dir():
                     pending.append(entry.path)
-                elif name[name.rfind("."):].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    stat = entry.stat()
-                    found.append((entry.path, stat.st_size, stat.st_mtime_ns))
+                elif name[name.rfind(".") :].lower() in IMAGE_EXTENSIONS:
+                    if entry.is_file():
+                        stat = entry.stat()
+                        found.append((entry.path, stat.st_size, stat.st_mtime_ns))
+                    elif entry.is_symlink():  # a link to nothing: skipped, but never silently
+                        dangling.append(entry.path)
+    if dangling:
+        from trainkit.reporting import warn
+
+        dangling.sort()
+        more = f" and {len(dangling) - 3} more" if len(dangling) > 3 else ""
+        warn(f"skipped {len(dangling)} broken symbolic link(s): {', '.join(dangling[:3])}{more}")
     found.sort()
     return found
 
@@ -112,18 +122,22 @@ def stats_for(
     return mean, std
 
 
-def compute_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of a uint8 (N, C, H, W) tensor, in chunks to bound memory."""
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
+def compute_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a uint8 (N, C, H, W) tensor, or of an iterable of such chunks
+    (so a sample of large images never has to sit in memory at once), in chunks to bound memory."""
+    chunks = [images] if isinstance(images, torch.Tensor) else images
+    total = total_sq = None
     count = 0
-    for start in range(0, images.shape[0], 4096):
-        # float32 within a chunk (torch sums pairwise), float64 across chunks: 3x faster
-        chunk = images[start : start + 4096].to("cpu", torch.float32)
-        total += chunk.sum(dim=(0, 2, 3)).double()
-        total_sq += (chunk * chunk).sum(dim=(0, 2, 3)).double()
-        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    for part in chunks:
+        for start in range(0, part.shape[0], 4096):
+            # float32 within a chunk (torch sums pairwise), float64 across chunks: 3x faster
+            chunk = part[start : start + 4096].to("cpu", torch.float32)
+            if total is None:
+                total = torch.zeros(chunk.shape[1], dtype=torch.float64)
+                total_sq = torch.zeros(chunk.shape[1], dtype=torch.float64)
+            total += chunk.sum(dim=(0, 2, 3)).double()
+            total_sq += (chunk * chunk).sum(dim=(0, 2, 3)).double()
+            count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
     total, total_sq = total / 255.0, total_sq / 255.0**2
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
@@ -172,8 +186,10 @@ def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16"):
         scaled = array.astype(np.float32) / 65535.0
     elif image.mode == "F":
-        scaled = np.clip(array.astype(np.float32), 0.0, 1.0) if array.max() <= 1.0 else (
-            array.astype(np.float32) / max(float(array.max()), 1e-12)
+        scaled = (
+            np.clip(array.astype(np.float32), 0.0, 1.0)
+            if array.max() <= 1.0
+            else (array.astype(np.float32) / max(float(array.max()), 1e-12))
         )
     else:  # "I": 32-bit ints, usually 16-bit data widened by PIL
         top = 65535.0 if array.max() <= 65535 else float(array.max())
@@ -181,13 +197,21 @@ def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
-def pil_to_uint8(image: Image.Image, channels: int) -> torch.Tensor:
-    """Any PIL image (L, LA, RGB, RGBA, P, CMYK, 16-bit, EXIF-rotated) → uint8 (C, H, W)."""
+def pil_to_uint8(image: Image.Image, channels: int, reduce_to: int | None = None) -> torch.Tensor:
+    """Any PIL image (L, LA, RGB, RGBA, P, CMYK, 16-bit, EXIF-rotated) → uint8 (C, H, W).
+    With `reduce_to`, an image at least twice that side in both dimensions is first shrunk by
+    an integer box filter (Image.reduce) to no less than it: the final antialiased resize then
+    works on a fraction of the pixels, with the same look."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _high_depth_to_uint8(image)
     image = _flatten_alpha(image)
     image = image.convert("L" if channels == 1 else "RGB")
+    if reduce_to:
+        # a gap of 2 (as PIL.Image.resize(reducing_gap=2)): the antialiased resize still halves
+        factor = min(image.width // reduce_to, image.height // reduce_to) // 2
+        if factor >= 2:
+            image = image.reduce(factor)
     array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
@@ -212,12 +236,18 @@ def open_image(path) -> Image.Image:
 
 
 def decode_image(path, channels: int, image_size: int | None) -> torch.Tensor:
-    """File → uint8 (C, H, W) with the given channels and size; one-line error when unreadable."""
+    """File → uint8 (C, H, W) with the given channels and size; one-line error when unreadable.
+
+    A large JPEG is decoded reduced (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, through PIL's
+    `draft`) to no less than `image_size` on either side, other formats are box-reduced after
+    decoding: a 2592x1944 photo for a 224 px model costs a fraction of a full decode."""
     try:
         with open_image(path) as image:
             image.seek(0)  # animated GIF/PNG/WebP: the first frame
+            if image_size and image.format == "JPEG":
+                image.draft(None, (image_size, image_size))
             image.load()
-            tensor = pil_to_uint8(image, channels)
+            tensor = pil_to_uint8(image, channels, image_size)
     except TrainkitError:
         raise
     except FileNotFoundError:

@@ -47,6 +47,10 @@ def check_model_name_and_kwargs(name: str, kwargs: dict[str, Any]) -> None:
             raise ConfigError("model.name", unknown_choice("torchvision model", short, choices))
         return  # torchvision's builders take **kwargs; checked when built
     if name not in MODELS:
+        if name in torchvision_model_names():  # `resnet18` means torchvision's
+            raise ConfigError(
+                "model.name", f"unknown model '{name}'; did you mean '{TORCHVISION_PREFIX}{name}'?"
+            )
         raise ConfigError("model.name", unknown_choice("model", name, model_names()))
     params = inspect.signature(MODELS[name]).parameters
     valid = [p for p in params if p not in INFERRED]
