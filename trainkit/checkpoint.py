@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import secrets
 import shutil
 import warnings
 import zipfile
@@ -50,7 +51,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """A fresh, unguessable temp name beside `path` (the one temp-name rule)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
 def remove_stale_temp_files(directory: Path) -> int:
@@ -119,13 +122,16 @@ def link_or_copy(source: Path, target: Path) -> None:
     """Point `target` at `source`'s current bytes atomically, through the same temp files as
     `atomic_save`. A hard link shares the inode, and the next save of `source` replaces its
     inode, so `target` keeps this version."""
-    tmp = temp_path_for(target)
+    tmp = temp_path_for(target)  # unguessable; os.link creates it exclusively, never through a link
     try:
-        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:  # no hard links here (some network filesystems): a full copy
-            shutil.copyfile(source, tmp)
+            with open(source, "rb") as data:
+                atomic_write(target, lambda handle: shutil.copyfileobj(data, handle))
+            return
+        if target.is_symlink():
+            raise OSError(errno.ELOOP, "refusing to replace a symbolic link", str(target))
         os.replace(tmp, target)
     except OSError as error:
         tmp.unlink(missing_ok=True)
