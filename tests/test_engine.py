@@ -188,8 +188,8 @@ def test_dataparallel_checkpoint_has_no_module_prefix(tmp_path):
     state = {
         "format_version": 1,
         "model": wrapped.state_dict(),
-        "preprocess": {},
-        "classes": [],
+        "preprocess": {"channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "classes": [f"c{i}" for i in range(10)],  # every field is validated on load
         "config": {},
         "model_spec": {"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32},
     }

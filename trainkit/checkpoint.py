@@ -1,7 +1,14 @@
-"""Checkpoints: plain dicts of tensors and primitives, saved atomically, loaded weights_only.
+"""Checkpoints, and the one home of how trainkit writes and reads files.
 
-A checkpoint never holds pickled classes, so `torch.load(path, weights_only=True)` reads it with
-no allowlist, and a file that asks to run code is refused by torch's restricted unpickler.
+Writing: every file trainkit writes goes through `atomic_write` (or `open_append` for logs that
+grow): a temp file with an unpredictable name is created exclusively (O_EXCL | O_NOFOLLOW) in the
+target's own directory, fsynced and renamed over the target, so a crash leaves the old or the new
+file, and a symbolic link planted at the target, at its directory or at a guessable temp name is
+never written through. trainkit creates no symbolic links, so any link found there is refused.
+
+Reading: a checkpoint is a plain dict of tensors and primitives, read by `torch_load` (the one
+loader: torch version guard, size bounds, `weights_only=True`) and then checked field by field
+before anything is allocated from it.
 """
 
 from __future__ import annotations
@@ -9,13 +16,15 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import secrets
 import shutil
+import stat
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import torch
 
@@ -24,30 +33,23 @@ from trainkit.errors import NonFiniteLoss, TrainkitError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "model_spec", "preprocess", "classes", "config")
+# A zip-format torch file stores its entries uncompressed; a checkpoint whose entries expand to
+# more than this multiple of its size on disk (plus slack for tiny files) is refused unread.
+MAX_EXPANSION = 2
+EXPANSION_SLACK_BYTES = 16 << 20
+MAX_ZIP_ENTRIES = 100_000
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME_CHARS = 1000
+MAX_IMAGE_SIZE = 8192
 
 
-def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes removed."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        cleaned[key] = value
-    return cleaned
+# --------------------------------------------------------------------------- writing files
 
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# `.<name>.tmp-<16 hex>`; the pid-numbered form is what earlier versions left behind.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?:[0-9a-f]{16}|[0-9]+)$")
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -56,49 +58,127 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
-def remove_stale_temp_files(directory: Path) -> int:
-    """Delete temp files left by a save that was killed (called when a run starts)."""
+def is_temp_file(path: str | Path) -> bool:
+    """True for a name that trainkit's writer uses for its temp files."""
+    return bool(_TEMP_NAME.match(Path(path).name))
+
+
+def stale_temp_files(directory: str | Path) -> list[Path]:
+    """trainkit temp files (not links, not folders) left in `directory` by killed writers.
+    Only the holder of the directory (a run's lock, the cache's) should delete them."""
+    directory = Path(directory)
+    found = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        if is_temp_file(entry.name) and entry.is_file(follow_symlinks=False):
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def remove_stale_temp_files(directory: str | Path) -> int:
     removed = 0
-    if directory.is_dir():
-        for stale in directory.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+    for stale in stale_temp_files(directory):
+        try:
+            stale.unlink()
             removed += 1
+        except FileNotFoundError:
+            pass
     return removed
 
 
-def atomic_save(state: dict[str, Any], path: Path) -> None:
+def _link_refused(path: Path) -> OSError:
+    return OSError(errno.ELOOP, "refusing to write through a symbolic link", str(path))
+
+
+def _open_directory(directory: Path) -> int:
+    """An fd on `directory` itself, refusing a directory that is a symbolic link."""
+    try:
+        return os.open(directory, _DIR_FLAGS | _CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(directory):
+            raise _link_refused(directory) from None
+        raise
+
+
+def _refuse_link_at(dir_fd: int, name: str, path: Path) -> None:
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise _link_refused(path)
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(handle)` on a fresh temp file beside `path`, fsync it, rename it over `path`
+    and fsync the directory: a crash at any moment leaves the old file or the new one. Raises
+    OSError (the temp file removed) on failure, or when `path` or its directory is a link."""
+    path = Path(path)
+    dir_fd = _open_directory(path.parent)
+    try:
+        _refuse_link_at(dir_fd, path.name, path)
+        tmp = temp_path_for(path).name
+
+        def opener(_: str, flags: int) -> int:  # "x" mode: O_CREAT | O_EXCL; never a link
+            return os.open(tmp, flags | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=dir_fd)
+
+        try:
+            with open(path.parent / tmp, "xb", opener=opener) as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_save(state: dict[str, Any], path: str | Path) -> None:
     """torch.save through `atomic_write`."""
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """The one file writer: `write(handle)` fills a temp file in the same directory, then
-    fsync, os.replace, fsync the directory: a crash at any moment leaves either the old file
-    or the new one, never a torn one. The temp name is unpredictable and created exclusively
-    (mkstemp: O_CREAT|O_EXCL), so a link planted under a guessed name is never written through;
-    a final path that is a link is refused (os.replace would swap the link, but its target is
-    someone else's file). On failure the temp file is removed and the OSError raised."""
-    import tempfile
-
-    if path.is_symlink():
-        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", str(path))
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    tmp = Path(name)
+def open_append(path: str | Path) -> IO[str]:
+    """A text handle appending to `path` (created if missing) that never follows a symbolic
+    link, never blocks on a FIFO and refuses anything but a plain file with one name."""
+    path = Path(path)
+    dir_fd = _open_directory(path.parent)
     try:
-        # reopened by name without following links (a swap after mkstemp is refused)
-        with open(tmp, "wb", opener=lambda file, flags: os.open(file, flags | os.O_NOFOLLOW)) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(path.parent)
+            fd = os.open(path.name, flags, 0o666, dir_fd=dir_fd)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise _link_refused(path) from None
+            raise
+    finally:
+        os.close(dir_fd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise OSError(
+            errno.EPERM, "refusing to append to a file that is not a plain, singly linked file", str(path)
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", newline="", encoding="utf-8")
 
 
 def save_error(path: Path, error: OSError) -> TrainkitError:
@@ -119,85 +199,280 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Point `target` at `source`'s current bytes atomically, through the same temp files as
-    `atomic_save`. A hard link shares the inode, and the next save of `source` replaces its
-    inode, so `target` keeps this version."""
-    tmp = temp_path_for(target)  # unguessable; os.link creates it exclusively, never through a link
+    """Point `target` at `source`'s current bytes atomically, under the same rules as
+    `atomic_write`: a hard link (shares the inode; the next save of `source` replaces its inode,
+    so `target` keeps this version) made at an unguessable temp name and renamed over `target`;
+    where hard links are not possible, a full copy through `atomic_write`."""
+    target = Path(target)
     try:
+        dir_fd = _open_directory(target.parent)
         try:
-            os.link(source, tmp)
-        except OSError:  # no hard links here (some network filesystems): a full copy
-            with open(source, "rb") as data:
-                atomic_write(target, lambda handle: shutil.copyfileobj(data, handle))
-            return
-        if target.is_symlink():
-            raise OSError(errno.ELOOP, "refusing to replace a symbolic link", str(target))
-        os.replace(tmp, target)
+            _refuse_link_at(dir_fd, target.name, target)
+            tmp = temp_path_for(target).name
+            try:
+                os.link(source, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)  # exclusive
+            except OSError:  # no hard links here (some network filesystems): a full copy
+                with open(source, "rb") as original:
+                    atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+                return
+            try:
+                os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                raise
+            try:
+                os.fsync(dir_fd)
+            except OSError:
+                pass
+        finally:
+            os.close(dir_fd)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise save_error(target, error) from error
-    _fsync_directory(target.parent)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes removed."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+# First bytes of files people hand to `eval` by mistake → what they are.
+_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"RIFF", "a RIFF file (WebP image?)"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x08", "a protobuf file (ONNX model?)"),
+)
+
+
+def _what_is(head: bytes) -> str:
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "a safetensors file (weights only, no trainkit metadata)"
+    if head[:8].isascii() and head[:8].decode("ascii").strip().isprintable():
+        return "a text file"
+    return "unknown contents"
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory stands for its checkpoints/best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise TrainkitError(f"{path}: a folder without checkpoints/best.pt; name a checkpoint file")
+    return path
+
+
+def _check_archive(path: Path, size_on_disk: int) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise TrainkitError(f"{path}: cannot load checkpoint: corrupt zip archive ({error})") from None
+    names = [entry.filename for entry in entries]
+    if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
+        raise TrainkitError(f"{path}: a TorchScript archive, refused (it can run code)")
+    if len(entries) > MAX_ZIP_ENTRIES:
+        raise TrainkitError(f"{path}: refused, {len(entries)} archive entries")
+    expanded = sum(entry.file_size for entry in entries)
+    if expanded > MAX_EXPANSION * size_on_disk + EXPANSION_SLACK_BYTES:
+        raise TrainkitError(
+            f"{path}: refused, its entries expand to {expanded / 1e6:,.0f} MB from "
+            f"{size_on_disk / 1e6:,.1f} MB on disk (torch stores checkpoints uncompressed)"
+        )
 
 
 def _describe_unpickling_error(error: Exception) -> str:
-    text = str(error)
-    for line in text.splitlines():
-        line = line.strip()
-        if "Unsupported global" in line or "unsupported global" in line.lower():
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported global" in line.lower():
             return line.rstrip(".") + " (refused: checkpoints must not contain code)"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    detail = f"{type(error).__name__}: {first[:120]}" if first else type(error).__name__
+    for line in lines:  # torch's weights-only essay names the real problem on this line
+        if line.startswith("WeightsUnpickler error:"):
+            return f"refused by the weights-only loader ({line[len('WeightsUnpickler error:') :].strip()})"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", lines[0]) if lines else ""
+    if len(first) > 120:
+        first = first[:120].rsplit(" ", 1)[0] + " …"
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return f"corrupt, truncated or not a torch file ({detail})"
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and check a trainkit checkpoint; any problem is one TrainkitError line."""
+def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """The one way trainkit reads a torch file (checkpoint, cache, weights): refuses a torch
+    with a vulnerable weights-only loader, anything but a plain file, a TorchScript archive, a
+    zip that expands far beyond its size, and non-torch files; then `weights_only=True`."""
+    from trainkit.versions import require_safe_torch
+
+    require_safe_torch()
     path = Path(path)
-    if not path.is_file():
-        raise TrainkitError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise TrainkitError(f"checkpoint not found: {path}") from None
+    except OSError as error:
+        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TrainkitError(f"{path}: not a regular file")
+    if info.st_size == 0:
         raise TrainkitError(f"{path}: empty file, not a checkpoint")
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            names = []
-        if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
-            raise TrainkitError(f"{path}: a TorchScript archive, refused (it can run code)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from None
+    if head.startswith(b"PK\x03\x04"):
+        _check_archive(path, info.st_size)
+    elif not head.startswith(b"\x80"):  # the legacy format is a pickle stream: protocol opcode
+        raise TrainkitError(f"{path}: not a torch checkpoint ({_what_is(head)})")
     try:
         # torch warns (on stderr, once per process) about odd pickle protocols in junk
         # files before failing; the one-line error below says it all.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for hostile or broken files
         raise TrainkitError(f"{path}: cannot load checkpoint: {_describe_unpickling_error(error)}") from None
-    if not isinstance(state, dict) or "format_version" not in state:
-        raise TrainkitError(f"{path}: not a trainkit checkpoint (no format_version)")
+
+
+def _positive_int(value: Any, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+def _finite_numbers(value: Any, count: int) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def check_checkpoint_fields(state: Any, path: str | Path) -> None:
+    """Every field eval and predict use, checked for type and range (a TrainkitError naming it)."""
+
+    def bad(field: str, why: str) -> TrainkitError:
+        return TrainkitError(f"{path}: checkpoint field '{field}' {why}")
+
     version = state["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("format_version", f"is not an integer ({version!r})")
+    if version > FORMAT_VERSION:
         raise TrainkitError(
             f"{path}: checkpoint format {version} is newer than this trainkit reads "
             f"({FORMAT_VERSION}); upgrade trainkit"
         )
+    if version < 1:
+        raise bad("format_version", f"is not a valid format ({version})")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise TrainkitError(f"{path}: checkpoint is missing {', '.join(missing)}")
-    if not isinstance(state["model"], dict):
-        raise TrainkitError(f"{path}: checkpoint 'model' is not a state_dict")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise bad("model", "is not a state_dict (names → tensors)")
+    spec = state["model_spec"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad("model_spec", "is not a model spec with a name")
+    if not _positive_int(spec.get("num_classes"), MAX_CLASSES):
+        raise bad("model_spec.num_classes", f"is not a class count ({spec.get('num_classes')!r})")
+    for key, limit in (("in_channels", 64), ("input_size", MAX_IMAGE_SIZE)):
+        if not _positive_int(spec.get(key), limit):
+            raise bad(f"model_spec.{key}", f"is not an integer in 1..{limit} ({spec.get(key)!r})")
+    classes = state["classes"]
+    if (
+        not isinstance(classes, (list, tuple))
+        or not all(isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME_CHARS for name in classes)
+        or not 0 < len(classes) <= spec["num_classes"]
+    ):
+        raise bad("classes", f"is not a list of 1..{spec['num_classes']} class names (the model's outputs)")
+    pre = state["preprocess"]
+    if (
+        not isinstance(pre, dict)
+        or pre.get("channels") not in (1, 3)
+        or isinstance(pre.get("channels"), bool)
+    ):
+        raise bad("preprocess.channels", "is not 1 or 3")
+    if not _positive_int(pre.get("image_size"), MAX_IMAGE_SIZE):
+        raise bad("preprocess.image_size", f"is not an integer in 1..{MAX_IMAGE_SIZE}")
+    for key in ("mean", "std"):
+        if not _finite_numbers(pre.get(key), pre["channels"]):
+            raise bad(f"preprocess.{key}", f"is not {pre['channels']} finite numbers")
+    if not all(s > 0 for s in pre["std"]):
+        raise bad("preprocess.std", "has a value <= 0")
+    if not isinstance(state["config"], dict):
+        raise bad("config", "is not a mapping")
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and check a trainkit checkpoint; any problem is one TrainkitError line."""
+    path = Path(path)
+    state = torch_load(path, map_location=map_location)
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise TrainkitError(f"{path}: not a trainkit checkpoint (no format_version)")
+    check_checkpoint_fields(state, path)
     state["model"] = strip_module_prefix(state["model"])
     return state
 
 
+def _list(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def build_model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"):
+    """The checkpoint's model with its weights. The spec is first built on the meta device (no
+    memory) and its parameter names and shapes compared with the checkpoint's tensors, so a
+    spec that asks for more than the file holds is refused before anything is allocated."""
+    from trainkit.errors import ConfigError
     from trainkit.models import build_model
 
-    model = build_model(dict(state["model_spec"]))
+    spec = dict(state["model_spec"])
     try:
-        model.load_state_dict(state["model"])
+        with torch.device("meta"):
+            skeleton = build_model(dict(spec))
+    except (ConfigError, RuntimeError) as error:
+        raise TrainkitError(f"{path}: cannot build its model: {error}") from None
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    weights = state["model"]
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong = [
+        f"{key} {tuple(weights[key].shape)} (model {expected[key]})"
+        for key in expected
+        if key in weights and tuple(weights[key].shape) != expected[key]
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label}: {_list(names)}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
+        raise TrainkitError(f"{path}: weights do not fit its {spec['name']} model; " + "; ".join(parts))
+    model = build_model(spec)
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
+        first = str(error).strip().splitlines()[-1].strip()
         raise TrainkitError(f"{path}: weights do not fit the model: {first}") from None
     return model
 

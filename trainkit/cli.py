@@ -2,7 +2,7 @@
 
 Heavy modules (torch, torchvision, pydantic) are imported inside the verbs, so `--help` is fast.
 Errors become one line on stderr: exit 2 for config/usage mistakes, 1 for runtime failures;
-`--debug` or TRAINKIT_DEBUG=1 shows the traceback.
+`--debug` or TRAINKIT_DEBUG=1 also shows the traceback (the exit code stays the same).
 """
 
 from __future__ import annotations
@@ -24,7 +24,18 @@ app = typer.Typer(
 
 
 def _debug() -> bool:
-    return os.environ.get("TRAINKIT_DEBUG", "") not in ("", "0", "false")
+    return os.environ.get("TRAINKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(error: BaseException) -> str:
+    """A failure as one escaped line: our own errors whole, others as 'Type: first line'."""
+    from trainkit.text import escape
+
+    message = str(error).strip()
+    if not hasattr(error, "exit_code"):
+        first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+        message = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return escape(message) if message else type(error).__name__
 
 
 def _owns_process(ctx: typer.Context) -> bool:
@@ -77,20 +88,16 @@ def _run(verb, ctx: typer.Context) -> None:
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
         raise typer.Exit(141) from None  # 128 + SIGPIPE, as a shell pipeline reports it
     except Exception as error:  # noqa: BLE001 - the CLI boundary
-        if _debug():
-            raise
-        from trainkit.errors import TrainkitError
-
         if isinstance(error, Interrupted):
             _leaving(ctx)
         code = getattr(error, "exit_code", 1)
-        if isinstance(error, (TrainkitError, Interrupted)):
-            message = str(error)
-        else:
-            message = f"{type(error).__name__}: {error}"
-        first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        line = _one_line(error)
         # a stop on request (checkpoint saved) is not an error
-        print(first if isinstance(error, Interrupted) else f"error: {first}", file=sys.stderr)
+        print(line if isinstance(error, Interrupted) else f"error: {line}", file=sys.stderr)
         raise typer.Exit(code) from error
     if code:
         raise typer.Exit(code)
@@ -99,14 +106,36 @@ def _run(verb, ctx: typer.Context) -> None:
 def _split_args(args: list[str]) -> tuple[str, list[str], list[str]]:
     """CONFIG, then key=value overrides; other words are returned separately."""
     config, rest = args[0], args[1:]
-    overrides = [a for a in rest if "=" in a]
-    others = [a for a in rest if "=" not in a]
+    overrides = [a for a in rest if _is_override(a)]
+    others = [a for a in rest if not _is_override(a)]
     return config, overrides, others
+
+
+def _is_override(word: str) -> bool:
+    """`key=value` sets a key, `~key` removes one (see config.apply_overrides)."""
+    return "=" in word or (word.startswith("~") and len(word) > 1)
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from trainkit import __version__
+    from trainkit.versions import version_lines
+
+    print("\n".join(version_lines(__version__)))
+    raise typer.Exit()
 
 
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Show trainkit, torch, torchvision and Pillow versions (flagging any below its safe floor).",
+    ),
 ) -> None:
     if debug:
         os.environ["TRAINKIT_DEBUG"] = "1"
@@ -118,7 +147,7 @@ def _train_words(words: list[str], resume: bool) -> tuple[str | None, str | None
         if not words:
             _usage("missing CONFIG (a YAML file)")
         if len(words) > 1:
-            _usage(f"unexpected argument '{words[1]}' (overrides are key=value)")
+            _usage(f"unexpected argument '{words[1]}' (overrides are key=value or ~key)")
         return words[0], None
     configs = [w for w in words if Path(w).suffix.lower() in (".yaml", ".yml")]
     targets = [w for w in words if w not in configs]
@@ -147,8 +176,8 @@ def train(
     ),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
-    overrides = [a for a in args or [] if "=" in a]
-    words = [a for a in args or [] if "=" not in a]
+    overrides = [a for a in args or [] if _is_override(a)]
+    words = [a for a in args or [] if not _is_override(a)]
     config_path, target = _train_words(words, resume)
 
     def verb():
@@ -195,9 +224,9 @@ def evaluate(
 ) -> None:
     """Loss, accuracy, confusion matrix, per-class precision/recall/F1 and the most confident
     mistakes of a checkpoint on a data split."""
-    bad = [o for o in overrides or [] if "=" not in o]
+    bad = [o for o in overrides or [] if not _is_override(o)]
     if bad:
-        _usage(f"unexpected argument '{bad[0]}' (overrides are key=value)")
+        _usage(f"unexpected argument '{bad[0]}' (overrides are key=value or ~key)")
 
     def verb():
         from trainkit.evaluate import print_metrics, run_eval
@@ -339,7 +368,7 @@ def config(
     """Print the fully resolved config (defaults included) as YAML."""
     config_path, overrides, others = _split_args(args)
     if others:
-        _usage(f"unexpected argument '{others[0]}' (overrides are key=value)")
+        _usage(f"unexpected argument '{others[0]}' (overrides are key=value or ~key)")
 
     def verb():
         from trainkit.config import dump_config, load_config
@@ -373,7 +402,9 @@ def cache(
 
 
 def _usage(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    from trainkit.text import escape
+
+    print(f"error: {escape(message)}", file=sys.stderr)
     raise typer.Exit(2)
 
 

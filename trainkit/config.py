@@ -9,6 +9,7 @@ optim, sched) take free keyword arguments that their builders check against the 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,14 @@ from pydantic import (
 )
 
 from trainkit.errors import ConfigError
+
+MAX_RUN_NAME_CHARS = 200
+# Bounds on a YAML config (and on each override value) before it is trusted: bytes read,
+# nesting depth, and nodes after alias expansion (a few hundred bytes of nested aliases
+# otherwise expand to billions of nodes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
 
 
 class Section(BaseModel):
@@ -47,6 +56,16 @@ class RunConfig(Section):
     name: str = Field("run", description="run name; the run directory is <out_dir>/<name>[-N]")
     out_dir: str = Field("runs", description="parent folder of run directories")
     seed: int = Field(0, description="seed for weights, data order, augmentation and dropout")
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str) -> str:
+        # The run directory is <out_dir>/<name>: a name must never climb out of out_dir.
+        if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable():
+            raise ValueError("must be one folder name (not empty, '.', '..', no slash or control character)")
+        if len(value) > MAX_RUN_NAME_CHARS:
+            raise ValueError(f"longer than {MAX_RUN_NAME_CHARS} characters")
+        return value
 
 
 class AugmentConfig(Section):
@@ -266,8 +285,45 @@ def _yaml_error_line(error: yaml.YAMLError) -> str:
     return " ".join(f"{problem}{where}".split())
 
 
+def _check_yaml_bounds(text: str, source: str) -> None:
+    """Walk the event stream (no recursion, nothing built) counting depth and the nodes the
+    document holds once every alias is expanded."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, f"larger than {MAX_CONFIG_BYTES // 1024} KiB; not a config")
+    anchored: dict[str, int] = {}  # anchor → nodes in its expanded subtree
+    open_sizes: list[list] = []  # per open collection: [anchor, nodes so far]
+    total = 0
+    for event in yaml.parse(text, Loader=_StrictSafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            open_sizes.append([event.anchor, 1])
+            if len(open_sizes) > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(source, f"nested deeper than {MAX_CONFIG_DEPTH} levels (line {line})")
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, size = open_sizes.pop()
+            if anchor:
+                anchored[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size = anchored.get(event.anchor, 1)
+        else:
+            continue
+        if open_sizes:
+            open_sizes[-1][1] += size
+        total += size
+        if total > MAX_CONFIG_NODES or (open_sizes and open_sizes[-1][1] > MAX_CONFIG_NODES):
+            raise ConfigError(
+                source, f"expands to more than {MAX_CONFIG_NODES:,} values (nested aliases?); not a config"
+            )
+
+
 def parse_yaml(text: str, source: str) -> Any:
     try:
+        _check_yaml_bounds(text, source)
         loader = _StrictSafeLoader(text)  # a SafeLoader: no python tags, no duplicate keys
         try:
             return loader.get_single_data()
@@ -278,11 +334,15 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `raw` with each `a.b.c=value` set; value has YAML scalar semantics."""
+    """Return a copy of `raw` with each `a.b.c=value` set (value has YAML scalar semantics) and
+    each `~a.b.c` removed (e.g. `optim.name=adam ~optim.momentum` to switch optimizers)."""
     import copy
 
     result = copy.deepcopy(raw)
     for item in overrides:
+        if item.startswith("~") and "=" not in item:
+            _remove_key(result, item[1:].strip(), item)
+            continue
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
@@ -299,6 +359,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = value
     return result
+
+
+def _remove_key(raw: dict[str, Any], key: str, item: str) -> None:
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ConfigError("overrides", f"expected ~key.sub to remove a key, got '{item}'")
+    node: Any = raw
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError(key, "not set in the config, nothing to remove")
+    del node[parts[-1]]
+
+
+def _reject_nonfinite(value: Any, path: str) -> None:
+    """inf and nan are never a valid setting (and YAML cannot even save them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number (got {value})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_nonfinite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_nonfinite(item, f"{path}.{index}")
 
 
 # --------------------------------------------------------------------------- validation
@@ -348,6 +432,7 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
     for section in ("model", "loss", "optim", "sched"):
         if isinstance(raw.get(section), str):  # `model: lenet` is short for `model: {name: lenet}`
             raw = {**raw, section: {"name": raw[section]}}
+    _reject_nonfinite(raw, "")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
@@ -357,7 +442,13 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file() and path.exists():
+            raise ConfigError("config", f"{path} is not a file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), f"larger than {MAX_CONFIG_BYTES // 1024} KiB; not a config")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("config", f"file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:

@@ -8,19 +8,19 @@ per_class.csv, mistakes.csv, mistakes.png); training does the same for best.pt a
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint_path
 from trainkit.config import apply_overrides, config_from_dict
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
-from trainkit.text import output_dir, printable, write_file
+from trainkit.text import output_dir, printable, to_json, write_file
 
 NO_TEST = (
     "no separate test split: evaluating on val, which chose the best checkpoint (an optimistic score; "
@@ -30,6 +30,18 @@ TOP_KS = (5,)  # shown only where k < the number of classes
 MISTAKES_KEPT = 100  # rows of mistakes.csv / eval.json
 MISTAKES_SHOWN = 10  # lines on screen
 MISTAKES_GRID = 32  # thumbnails in mistakes.png
+
+# Keys of a checkpoint's config that choose where files are written: a checkpoint's author
+# never decides that, so they are reset to the defaults (the user's overrides may set them).
+_WRITE_LOCATION_KEYS = {"data": {"cache_dir": None, "download": False}}
+
+
+def config_without_write_locations(checkpoint_config: dict[str, Any]) -> dict[str, Any]:
+    raw = copy.deepcopy(checkpoint_config)
+    for section, defaults in _WRITE_LOCATION_KEYS.items():
+        if isinstance(raw.get(section), dict):
+            raw[section].update(defaults)
+    return raw
 
 
 def choose_split(splits, requested: str | None) -> tuple[str, str | None]:
@@ -216,8 +228,10 @@ def run_eval(
     from trainkit.reporting import note
 
     target = pick_device(device)
-    state = load_checkpoint(checkpoint, map_location=target)
-    config = config_from_dict(apply_overrides(state["config"], overrides), "checkpoint config")
+    checkpoint = resolve_checkpoint_path(checkpoint)
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    raw = config_without_write_locations(state["config"])
+    config = config_from_dict(apply_overrides(raw, overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
     # The data must look like what the model was trained on, whatever the overrides say.
     # A checkpoint never chooses where to write: its data.cache_dir is used only when the
@@ -286,7 +300,7 @@ def save_eval(metrics: dict[str, Any], directory: str | Path, part=None, plots: 
         write_file(folder / name, data)
         written.append(folder / name)
 
-    put("eval.json", json.dumps(metrics, indent=1) + "\n")
+    put("eval.json", to_json(metrics, indent=1) + "\n")
     put(
         "confusion_matrix.csv",
         _csv_text(
@@ -344,7 +358,7 @@ def save_eval(metrics: dict[str, Any], directory: str | Path, part=None, plots: 
 
 def print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(metrics))
+        print(to_json(metrics))
         return
     from rich.console import Console
     from rich.table import Table

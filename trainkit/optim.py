@@ -6,7 +6,9 @@ signature of the torch class, so a typo fails before any data is loaded.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,12 +59,30 @@ LOSSES: dict[str, tuple[type[nn.Module], bool]] = {
 _TENSOR_LOSS_ARGS = {"weight", "pos_weight"}
 
 
-def _check_kwargs(section: str, owner: str, kwargs: dict, valid: list[str]) -> None:
+def _check_kwargs(
+    section: str, owner: str, kwargs: dict, valid: list[str], own: tuple[str, ...] = ()
+) -> None:
+    """Unknown keys fail; the suggestion and the list include the section's own keys (e.g.
+    sched.warmup_epochs) beside the arguments of the chosen class."""
     for key in kwargs:
         if key not in valid:
+            choices = list(valid) + [k for k in own if k not in valid]
+            close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ";"
             raise ConfigError(
-                f"{section}.{key}", f"not an argument of {owner}; valid: {', '.join(valid) or 'none'}"
+                f"{section}.{key}", f"not an argument of {owner}{hint} valid: {', '.join(choices) or 'none'}"
             )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _culprit(section: str, kwargs: dict, error: Exception) -> str:
+    """The dotted key an error message names (torch says "argument 'label_smoothing'…")."""
+    text = str(error)
+    named = [key for key in kwargs if f"'{key}'" in text or f" {key} " in f" {text} "]
+    return f"{section}.{named[0]}" if named else section
 
 
 def _loss_arg_names(cls: type) -> list[str]:
@@ -79,13 +99,16 @@ def build_loss(section: LossConfig, num_classes: int) -> nn.Module:
     _check_kwargs("loss", section.name, kwargs, _loss_arg_names(cls))
     for key in _TENSOR_LOSS_ARGS & kwargs.keys():
         value = kwargs[key]
-        if not isinstance(value, list) or len(value) != num_classes:
-            raise ConfigError(f"loss.{key}", f"expected a list of {num_classes} numbers (one per class)")
+        if not isinstance(value, list) or len(value) != num_classes or not all(map(_is_number, value)):
+            raise ConfigError(
+                f"loss.{key}",
+                f"expected a list of {num_classes} finite numbers (one per class), got {value!r}",
+            )
         kwargs[key] = torch.tensor(value, dtype=torch.float32)
     try:
         loss = cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError("loss", f"cannot build {section.name}: {error}") from error
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(_culprit("loss", kwargs, error), f"cannot build {section.name}: {error}") from error
     return loss if takes_labels else OneHotLoss(loss, num_classes)
 
 
@@ -142,7 +165,9 @@ def build_optimizer(section: OptimConfig, model: nn.Module) -> torch.optim.Optim
     try:
         return cls(parameter_groups(model), **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError("optim", f"cannot build {section.name}: {error}") from error
+        raise ConfigError(
+            _culprit("optim", kwargs, error), f"cannot build {section.name}: {error}"
+        ) from error
 
 
 # --------------------------------------------------------------------------- schedulers
@@ -265,7 +290,11 @@ class LRSchedule:
 
 def _epochs_to_steps(key: str, value: Any, steps_per_epoch: int) -> Any:
     if key == "milestones":
+        if not isinstance(value, list) or not all(_is_number(m) and m >= 0 for m in value):
+            raise ConfigError("sched.milestones", f"expected a list of epochs, e.g. [30, 60] (got {value!r})")
         return [int(round(m * steps_per_epoch)) for m in value]
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"sched.{key}", f"expected a number of epochs > 0 (got {value!r})")
     return max(1, int(round(value * steps_per_epoch)))
 
 
@@ -281,9 +310,12 @@ def build_scheduler(
         raise ConfigError("sched.name", unknown_choice("scheduler", section.name, SCHEDULERS))
     entry = SCHEDULERS[section.name]
     kwargs = section.kwargs
+    own = tuple(key for key in SchedConfig.model_fields if key != "name")
     if entry.cls is not None:
         valid = [p for p in inspect.signature(entry.cls).parameters if p not in _SCHED_COMMON | entry.filled]
-        _check_kwargs("sched", section.name, kwargs, valid)
+        _check_kwargs("sched", section.name, kwargs, valid, own)
+    elif kwargs:
+        _check_kwargs("sched", section.name, kwargs, [], own)
     for key, meaning in entry.required.items():
         if key not in kwargs:
             raise ConfigError(f"sched.{key}", f"required for '{section.name}' ({meaning})")
@@ -301,8 +333,10 @@ def build_scheduler(
         warmup = None
         if warmup_steps:
             warmup = S.LinearLR(optimizer, start_factor=section.warmup_start_factor, total_iters=warmup_steps)
-    except (TypeError, ValueError) as error:
-        raise ConfigError("sched", f"cannot build {section.name}: {error}") from error
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(
+            _culprit("sched", kwargs, error), f"cannot build {section.name}: {error}"
+        ) from error
     if isinstance(main, S.ReduceLROnPlateau):
         return LRSchedule(optimizer, warmup, plateau=main, warmup_steps=warmup_steps)
     if warmup is not None and main is not None:
@@ -320,8 +354,8 @@ def check_named_sections(loss: LossConfig, optim: OptimConfig, sched: SchedConfi
     loss_fn = build_loss(loss, num_classes=classes)
     try:  # some arguments (label_smoothing, p) are only checked when the loss runs
         loss_fn(torch.zeros(2, classes), torch.zeros(2, dtype=torch.int64))
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError("loss", f"{loss.name}: {error}") from error
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ConfigError(_culprit("loss", loss.kwargs, error), f"{loss.name}: {error}") from error
     probe = nn.Linear(2, 2, bias=False)  # 2-D parameters only: some optimizers (muon) take only matrices
     optimizer = build_optimizer(optim, probe)
     build_scheduler(sched, optimizer, steps_per_epoch=10, epochs=2)

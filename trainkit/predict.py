@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import glob
-import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 import torch
 
-from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from trainkit.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint_path
 from trainkit.data.preprocess import Preprocess, decode_image, image_files
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
+from trainkit.text import escape, to_json
 
 PREDICT_BATCH = 256
 
@@ -26,15 +28,24 @@ def find_default_checkpoint(runs_dir: str = "runs") -> Path:
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Files, folders (their images, as the ImageFolder scan finds them) and globs → paths;
-    unmatched → errors."""
+    unmatched inputs, anything but a plain file (a FIFO would block), loops → errors."""
     paths: list[Path] = []
     errors: list[str] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            paths += [Path(file) for file, _, _ in image_files(str(path))]
-        elif path.exists():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as error:  # ELOOP, EACCES, ENAMETOOLONG: name it and go on
+            errors.append(f"{item}: {error.strerror or error}")
+            continue
+        if mode is not None and stat.S_ISDIR(mode):
+            paths += [Path(file) for file, _, _ in image_files(str(path), errors)]
+        elif mode is not None and stat.S_ISREG(mode):
             paths.append(path)
+        elif mode is not None:
+            errors.append(f"{item}: not a regular file, skipped")
         elif glob.has_magic(item):
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
             if not matches:
@@ -56,7 +67,7 @@ def load_classifier(path: Path, device: str = "auto", on_state=None):
             raise TrainkitError(f"{path}: ONNX models run on the CPU here; drop --device {device}")
         return onnx_classifier(path)
     target = pick_device(device)
-    state = load_checkpoint(path, map_location=target)
+    state = load_checkpoint(path, map_location="cpu")
     if on_state is not None:
         on_state(state)
     model = build_model_from_checkpoint(state, path).to(target).eval()
@@ -90,7 +101,7 @@ def run_predict(
     line. → exit code."""
     from trainkit.predict_out import PredictionFile, Sorter
 
-    path = Path(checkpoint) if checkpoint else find_default_checkpoint()
+    path = resolve_checkpoint_path(checkpoint) if checkpoint else find_default_checkpoint()
 
     def announce(state: dict) -> None:  # the newest best.pt under runs/ may not be the one meant
         print(f"using {describe_checkpoint(path, state)}", file=sys.stderr)
@@ -103,7 +114,7 @@ def run_predict(
 
     paths, errors = expand_inputs(inputs)
     for message in errors:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {escape(message)}", file=sys.stderr)
     failed = bool(errors)
     for start in range(0, len(paths), PREDICT_BATCH):
         batch, kept = [], []
@@ -112,12 +123,12 @@ def run_predict(
                 batch.append(decode_image(image_path, preprocess.channels, preprocess.image_size))
                 kept.append(image_path)
             except TrainkitError as error:
-                print(f"error: {error}", file=sys.stderr)
+                print(f"error: {escape(error)}", file=sys.stderr)
                 failed = True
         if not batch:
             continue
         with torch.inference_mode():
-            logits = classifier(torch.stack(batch))  # (b, K)
+            logits = classifier(torch.stack(batch))[:, : len(classes)]  # (b, K): spare outputs unused
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
@@ -133,10 +144,11 @@ def run_predict(
             if output is not None:
                 output.add(record)
             elif as_json:
-                print(json.dumps(record))
+                print(to_json(record))
             else:
-                extra = "  ".join(f"{classes[i]} {p:.3f}" for i, p in zip(i_row[1:], p_row[1:]))
-                print(f"{image_path}\t{classes[i_row[0]]}\t{p_row[0]:.4f}" + (f"\t{extra}" if extra else ""))
+                extra = "  ".join(f"{escape(classes[i])} {p:.3f}" for i, p in zip(i_row[1:], p_row[1:]))
+                line = f"{escape(image_path)}\t{escape(classes[i_row[0]])}\t{p_row[0]:.4f}"
+                print(line + (f"\t{extra}" if extra else ""))
         sys.stdout.flush()
     if output is not None:
         output.close()

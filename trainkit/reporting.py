@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import sys
 import time
 from pathlib import Path
@@ -139,7 +140,10 @@ class Reporter(Callback):
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            log_dir = run_dir / "tensorboard"
+            if log_dir.is_symlink():  # never write event files through a planted link
+                raise OSError(errno.ELOOP, "refusing to write through a symbolic link", str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir))
         self.csv_path = run_dir / "metrics.csv"
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
@@ -212,12 +216,18 @@ class Reporter(Callback):
             self.console.say(epoch_line(row, self.epochs, self.show_top5))
 
     def _write_row(self, row: dict[str, Any]) -> None:
+        from trainkit.checkpoint import open_append
+        from trainkit.errors import TrainkitError
+
         new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        try:
+            with open_append(self.csv_path) as handle:  # never through a link, never a FIFO
+                writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        except OSError as error:
+            raise TrainkitError(f"cannot write {self.csv_path}: {error.strerror or error}") from error
 
     def _stop_bar(self) -> None:
         if self.bar is not None:

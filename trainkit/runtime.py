@@ -39,11 +39,24 @@ def is_main_process() -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
+    """--device of eval/predict: an unknown name is a usage error (exit 2), a device this
+    machine lacks a runtime one (exit 1), each saying so rather than failing later."""
+    text = name.strip().lower()
+    if text == "auto":
         return _auto_device()
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainkitError("CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise TrainkitError("MPS is not available on this machine (use --device cpu)")
+        return torch.device("mps")
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise TrainkitError("CUDA is not available on this machine (use --device cpu)")
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise TrainkitError(f"{text} does not exist ({torch.cuda.device_count()} GPUs)")
+        return torch.device(text)
+    raise ConfigError("--device", f"unknown device '{name}'; choices: auto, cpu, cuda, cuda:N, mps")
 
 
 def _auto_device() -> torch.device:

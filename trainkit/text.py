@@ -1,4 +1,5 @@
-"""Showing untrusted text (file names, class names) safely, and writing artefact files.
+"""Showing untrusted text (file names, class names) safely, JSON without NaN, and writing
+artefact files.
 
 Class names come from folder names or checkpoints and file names from the disk: printed raw,
 a name can carry terminal escape sequences, newlines that forge extra output lines, rich
@@ -7,16 +8,17 @@ markup, or matplotlib math (`$...$`). Everything shown passes through `printable
 
 from __future__ import annotations
 
-import os
-import tempfile
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 MAX_SHOWN = 200  # characters of one shown name
 
 
-def printable(text: object, limit: int = MAX_SHOWN) -> str:
+def printable(text: object, limit: int | None = MAX_SHOWN) -> str:
     """Control and other non-printable characters as visible escapes (`\\x1b`, `\\n`,
-    `\\u202e`); a name longer than `limit` is cut with an ellipsis."""
+    `\\u202e`); a name longer than `limit` (None: no limit) is cut with an ellipsis."""
     text = str(text)
     out = []
     for char in text:
@@ -31,7 +33,29 @@ def printable(text: object, limit: int = MAX_SHOWN) -> str:
         else:
             out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
     shown = "".join(out)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def escape(text: object) -> str:
+    """`printable` without a length limit: for output that is data (predict's lines, error
+    messages), where a cut name could be mistaken for another."""
+    return printable(text, None)
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN and ±inf become None (JSON null), recursively through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def to_json(value: Any, **options: Any) -> str:
+    """Strict JSON: a non-finite number is null, never the invalid `NaN`."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **options)
 
 
 def plot_text(text: object, limit: int = 40) -> str:
@@ -40,31 +64,13 @@ def plot_text(text: object, limit: int = 40) -> str:
 
 
 def write_file(path: Path, data: bytes | str) -> None:
-    """Write atomically: an unpredictable temp name in the same folder, fsync, os.replace.
-    A symlink at `path` is replaced, never written through."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 → what open() would have given
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write atomically through the one file writer (`checkpoint.atomic_write`): an unguessable
+    temp name created exclusively beside `path`, fsync, os.replace; a symbolic link at `path`
+    or as its folder is refused, never written through."""
+    from trainkit.checkpoint import atomic_write
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(Path(path), lambda handle: handle.write(payload))
 
 
 def output_dir(path: str | Path) -> Path:

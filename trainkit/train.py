@@ -20,7 +20,13 @@ import torch
 
 from trainkit import __version__
 from trainkit.callbacks import Callback, CallbackList
-from trainkit.checkpoint import FORMAT_VERSION, CheckpointWriter, load_checkpoint, remove_stale_temp_files
+from trainkit.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointWriter,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+)
 from trainkit.config import Config, apply_overrides, config_from_dict, dump_config
 from trainkit.errors import ConfigError, RunLocked, TrainkitError
 from trainkit.monitor import Monitor
@@ -30,11 +36,16 @@ from trainkit.reporting import Console, Reporter, console_log
 def check_config(config: Config) -> None:
     """Every name and keyword argument checked against its registry; nothing is built."""
     from trainkit.data.datasets import check_dataset_name
-    from trainkit.models import check_model_name_and_kwargs
+    from trainkit.models import check_model_builds, check_model_name_and_kwargs
     from trainkit.optim import check_named_sections
 
     check_dataset_name(config.data.name)
     check_model_name_and_kwargs(config.model.name, config.model.kwargs)
+    model = config.model
+    # sizes the data will decide are stood in for: this checks the arguments, not the data
+    check_model_builds(
+        model.name, model.kwargs, model.num_classes or 10, model.in_channels or 3, model.input_size or 64
+    )
     check_named_sections(config.loss, config.optim, config.sched)
     if config.model.in_channels not in (None, 1, 3) and config.data.channels is None:
         raise ConfigError("model.in_channels", "images have 1 or 3 channels; set data.channels")
@@ -492,7 +503,12 @@ def open_run_dir(
         checkpoint_dir = run_dir / "checkpoints"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(checkpoint_dir)  # under the lock: no live save is touched
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        try:  # never through a link planted in the run directory
+            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        except OSError as error:
+            raise TrainkitError(
+                f"cannot write {run_dir / 'config.yaml'}: {error.strerror or error}"
+            ) from error
         console.say(f"run directory: {run_dir}")
         console.say(built.data_line)
         if plan is not None and plan.run_dir is None:

@@ -33,23 +33,41 @@ KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def image_files(directory: str) -> list[tuple[str, int, int]]:
+def image_files(directory: str, problems: list[str] | None = None) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of every image under `directory`, in sorted path order: the one
     rule for which files are images, used by the ImageFolder scan and by predict's folders.
 
     os.scandir hands back each entry's type without a stat and one stat per image gives the
     cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
-    entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images).
+    entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images). A folder
+    reached twice (a symbolic link loop) is walked once; with `problems` given, such loops and
+    unreadable folders are described there and the walk goes on, else an unreadable folder raises.
     """
     found: list[tuple[str, int, int]] = []
     dangling: list[str] = []
     pending = [directory]
+    seen: set[tuple[int, int]] = set()
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                name = entry.name
-                if name[0] == ".":
-                    continue
+        folder = pending.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                if problems is not None:
+                    problems.append(f"{folder}: a symbolic link loop, skipped")
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError as error:
+            if problems is None:
+                raise
+            problems.append(f"{folder}: cannot list ({error.strerror or error}), skipped")
+            continue
+        for entry in entries:
+            name = entry.name
+            if name[0] == ".":
+                continue
+            try:
                 if entry.is_dir():
                     pending.append(entry.path)
                 elif name[name.rfind(".") :].lower() in IMAGE_EXTENSIONS:
@@ -58,6 +76,10 @@ def image_files(directory: str) -> list[tuple[str, int, int]]:
                         found.append((entry.path, stat.st_size, stat.st_mtime_ns))
                     elif entry.is_symlink():  # a link to nothing: skipped, but never silently
                         dangling.append(entry.path)
+            except OSError as error:  # e.g. a link to itself: ELOOP
+                if problems is None:
+                    raise
+                problems.append(f"{entry.path}: {error.strerror or error}, skipped")
     if dangling:
         from trainkit.reporting import warn
 

@@ -7,7 +7,9 @@ rebuild the exact model from the checkpoint alone.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +55,26 @@ def check_model_name_and_kwargs(name: str, kwargs: dict[str, Any]) -> None:
             )
         raise ConfigError("model.name", unknown_choice("model", name, model_names()))
     params = inspect.signature(MODELS[name]).parameters
-    valid = [p for p in params if p not in INFERRED]
+    valid = [p for p in params if p not in INFERRED] + list(INFERRED)
     for key in kwargs:
         if key not in params:
-            raise ConfigError(
-                f"model.{key}", f"not an argument of {name}; valid: {', '.join(valid) or 'none'}"
-            )
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ";"
+            raise ConfigError(f"model.{key}", f"not an argument of {name}{hint} valid: {', '.join(valid)}")
+
+
+def check_model_builds(
+    name: str, kwargs: dict[str, Any], num_classes: int, in_channels: int, input_size: int
+):
+    """Build the model on the meta device (no memory, no weights): every argument a builder
+    rejects (torchvision's included) is a ConfigError before any data is read."""
+    import torch
+
+    spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    with torch.device("meta"), warnings.catch_warnings():
+        # an empty layer is reported by the forward check before the run, not as a warning here
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return build_model({**spec, **kwargs})
 
 
 class _ToThreeChannels(nn.Module):
@@ -88,5 +104,9 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
                 model = nn.Sequential(_ToThreeChannels(in_channels), model)
             return model
         return MODELS[name](**spec)
-    except (TypeError, ValueError) as error:
-        raise ConfigError("model", f"cannot build {name}: {error}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        text = str(error)
+        named = [key for key in spec if key not in INFERRED and f"'{key}'" in text]
+        path = f"model.{named[0]}" if named else "model"
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise ConfigError(path, f"cannot build {name}: {first}") from None
