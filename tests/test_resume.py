@@ -481,6 +481,6 @@ def test_ctrl_c_storm_on_the_real_command_exits_130(tmp_path):
         time.sleep(0.02)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, (process.returncode, err)
-    assert err.strip().splitlines()[-1] in ("stopped by SIGINT", "interrupted"), err
-    assert "Error" not in err and "Traceback" not in err
+    known = ("warning: SIGINT: saving at the next step boundary", "stopped by SIGINT", "interrupted")
+    assert all(line in known for line in err.strip().splitlines()), err  # no error, no traceback
     load_checkpoint(checkpoints / "last.pt")

@@ -42,12 +42,14 @@ def _owns_process(ctx: typer.Context) -> bool:
     """Is this the `trainkit` process itself (main()), rather than a CLI call inside another
     program (a test runner)? Only the owner handles SIGINT/SIGTERM and turns Ctrl-C into exit
     130; inside another program they stay that program's."""
-    return isinstance(ctx.obj, dict) and bool(ctx.obj.get("owns_process"))
+    obj = getattr(ctx, "obj", None)
+    return isinstance(obj, dict) and bool(obj.get("owns_process"))
 
 
 def _started(ctx: typer.Context) -> float | None:
     """When main() started (a time.perf_counter() value), if it did."""
-    return ctx.obj.get("started") if isinstance(ctx.obj, dict) else None
+    obj = getattr(ctx, "obj", None)
+    return obj.get("started") if isinstance(obj, dict) else None
 
 
 def _interrupt_once(signum, frame) -> None:
