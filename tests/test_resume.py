@@ -448,3 +448,39 @@ def _png(directory: Path) -> Path:
     path = directory / "one.png"
     Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
     return path
+
+
+def test_ctrl_c_storm_on_the_real_command_exits_130(tmp_path):
+    """`trainkit` itself (main()), four Ctrl-C 20 ms apart from the moment a save is seen in
+    progress: exit 130, the stop line last, last.pt whole. A Ctrl-C landing after the run had
+    restored Python's handler ended the process by SIGINT (exit -2)."""
+    import subprocess
+
+    config = write_config(
+        tmp_path,
+        {
+            "model": {"hidden_sizes": [1024, 1024]},
+            "train": {"epochs": 10_000},
+            "data": {"synthetic": {"train_size": 64, "test_size": 32}},
+            "log": {"tensorboard": False, "progress": "none"},
+        },
+    )
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainkit", "train", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ((checkpoints / "last.pt").exists() and _temp_files(checkpoints)):  # a save after the first
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.0005)
+    for _ in range(4):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (process.returncode, err)
+    known = ("warning: SIGINT: saving at the next step boundary", "stopped by SIGINT", "interrupted")
+    assert all(line in known for line in err.strip().splitlines()), err  # no error, no traceback
+    load_checkpoint(checkpoints / "last.pt")

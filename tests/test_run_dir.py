@@ -18,14 +18,32 @@ def _snapshot(directory):
     return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+EXP = {"run": {"name": "exp"}, "log": {"tensorboard": False}}
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """runs/exp (2 epochs) and runs/exp-lr, trained once for the module."""
+    from typer.testing import CliRunner
+
+    from trainkit.cli import app
+
+    root = tmp_path_factory.mktemp("two_runs")
+    config = write_config(root, EXP)
+    for extra in ([], ["run.name=exp-lr", "optim.lr=0.02"]):
+        result = CliRunner().invoke(app, ["train", str(config), *extra])
+        assert result.exit_code == 0, result.stderr
+    return root / "runs"
+
+
 @pytest.fixture
-def two_runs(cli, tmp_path):
-    """runs/exp (2 epochs) and runs/exp-lr, whose last.pt is newer."""
-    config = write_config(tmp_path, {"run": {"name": "exp"}, "log": {"tensorboard": False}})
-    assert cli("train", config).exit_code == 0
-    assert cli("train", config, "run.name=exp-lr", "optim.lr=0.02").exit_code == 0
-    os.utime(tmp_path / "runs" / "exp-lr" / "checkpoints" / "last.pt")
-    return config, tmp_path / "runs"
+def two_runs(trained_runs, tmp_path):
+    """A copy of runs/exp and runs/exp-lr (whose last.pt is newer) in tmp_path, with a config
+    that names them."""
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_runs, runs)
+    os.utime(runs / "exp-lr" / "checkpoints" / "last.pt")
+    return write_config(tmp_path, EXP), runs
 
 
 def test_resume_by_name_takes_only_that_run(cli, two_runs):
@@ -64,7 +82,7 @@ def test_resume_from_anything_but_last_pt_starts_a_new_run(cli, two_runs, tmp_pa
         weights.mkdir(parents=True)
         checkpoint = shutil.copy(checkpoint, weights / "model.pt")
     before = _snapshot(runs / "exp")
-    result = cli("train", "--resume", checkpoint, "train.epochs=3")
+    result = cli("train", "--resume", checkpoint, "train.epochs=3", f"run.out_dir={runs}")
     assert result.exit_code == 0, result
     assert "is not a run's checkpoints/last.pt" in result.stdout
     assert _snapshot(runs / "exp") == before  # the older state never overwrites the run's last.pt

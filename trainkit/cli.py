@@ -42,12 +42,32 @@ def _owns_process(ctx: typer.Context) -> bool:
     """Is this the `trainkit` process itself (main()), rather than a CLI call inside another
     program (a test runner)? Only the owner handles SIGINT/SIGTERM and turns Ctrl-C into exit
     130; inside another program they stay that program's."""
-    return isinstance(ctx.obj, dict) and bool(ctx.obj.get("owns_process"))
+    obj = getattr(ctx, "obj", None)
+    return isinstance(obj, dict) and bool(obj.get("owns_process"))
 
 
 def _started(ctx: typer.Context) -> float | None:
     """When main() started (a time.perf_counter() value), if it did."""
-    return ctx.obj.get("started") if isinstance(ctx.obj, dict) else None
+    obj = getattr(ctx, "obj", None)
+    return obj.get("started") if isinstance(obj, dict) else None
+
+
+def _interrupt_once(signum, frame) -> None:
+    """The process's Ctrl-C outside a run's own handling: one KeyboardInterrupt, after which
+    the process is leaving and further Ctrl-C are ignored (one that landed in the interpreter's
+    exit would end it by SIGINT instead of exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _leaving(ctx: typer.Context) -> None:
+    """A stop is being reported: from here on Ctrl-C changes nothing (the owner process only)."""
+    if _owns_process(ctx):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(verb, ctx: typer.Context) -> None:
@@ -62,6 +82,7 @@ def _run(verb, ctx: typer.Context) -> None:
     except KeyboardInterrupt:
         if not _owns_process(ctx):
             raise
+        _leaving(ctx)
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except BrokenPipeError:  # `trainkit eval --json | head`: the reader left, nothing to report
@@ -69,6 +90,8 @@ def _run(verb, ctx: typer.Context) -> None:
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
         raise typer.Exit(141) from None  # 128 + SIGPIPE, as a shell pipeline reports it
     except Exception as error:  # noqa: BLE001 - the CLI boundary
+        if isinstance(error, Interrupted):
+            _leaving(ctx)
         code = getattr(error, "exit_code", 1)
         if _debug():
             import traceback
@@ -415,9 +438,12 @@ def _usage(message: str) -> None:
 
 
 def main() -> None:
+    import signal
     import time
 
-    app(obj={"owns_process": True, "started": time.perf_counter()})
+    started = time.perf_counter()
+    signal.signal(signal.SIGINT, _interrupt_once)
+    app(obj={"owns_process": True, "started": started})
 
 
 if __name__ == "__main__":

@@ -49,6 +49,6 @@ def launch_local(nproc: int, trainkit_args: list[str]) -> int:
             rank, failure = error.get_first_failure()
             raise TrainkitError(
                 f"DDP rank {rank} failed first (exit {failure.exitcode}); its error is above"
-            ) from None
-        raise TrainkitError(f"a DDP process failed: {error}") from None
+            ) from error
+        raise TrainkitError(f"a DDP process failed: {error}") from error
     return 0

@@ -135,6 +135,49 @@ def evaluate(
     }
 
 
+class StopRequests:
+    """SIGINT / SIGTERM during a run. The first asks for a stop at the next step boundary (where
+    the checkpoint is saved); a second Ctrl-C leaves at once, or, while files are being written
+    (a KeyboardInterrupt inside torch.save breaks the file off), as soon as the write is done."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.signum: int | None = None
+        self.in_write = False
+        self.leave_after_write = False
+
+    def install(self):
+        """The handlers, for the run only (main thread); → the previous ones, for restore()."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self, previous) -> None:
+        for sig, old in (previous or {}).items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            if self.in_write:
+                self.leave_after_write = True
+                return
+            raise KeyboardInterrupt  # second Ctrl-C: leave now
+        self.signum = signum
+        self.console.warn(f"{signal.Signals(signum).name}: saving at the next step boundary")
+
+    @contextmanager
+    def writing(self):
+        self.in_write = True
+        try:
+            yield
+        finally:
+            self.in_write = False
+        if self.leave_after_write:
+            raise Interrupted(signal.SIGINT)
+
+
 class Trainer:
     def __init__(
         self,
@@ -173,9 +216,7 @@ class Trainer:
         self.totals = EpochTotals(self.device)
         self.saved_totals: dict[str, Any] | None = None  # what a mid-epoch checkpoint carries
         self.epoch_began = time.perf_counter()
-        self.stop_signal: int | None = None
-        self.leave_after_save = False  # a second Ctrl-C while a checkpoint was being written
-        self.deferring = False
+        self.stops = StopRequests(console)
         self.callback_states: dict[str, Any] = {}
         self.keep_eval_outputs = False  # a callback asks for the probabilities (PR curves)
         self.last_evaluation: dict[str, Any] | None = None  # for callbacks at epoch_end
@@ -290,7 +331,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> TrainState:
-        previous = self._install_signal_handlers() if self.handle_signals else None
+        previous = self.stops.install() if self.handle_signals else None
         try:
             self.callbacks.load_state_dict(self.callback_states)
             self.callbacks.fire("fit_start", self)
@@ -303,7 +344,7 @@ class Trainer:
                     break
             self.callbacks.fire("fit_end", self)
         finally:
-            self._restore_signal_handlers(previous)
+            self.stops.restore(previous)
             self.callbacks.fire("teardown", self)
         return self.state
 
@@ -322,7 +363,7 @@ class Trainer:
             self._update_best(value)
         row.update(epoch=epoch + 1, global_step=self.state.global_step, lr=self.schedule.lr())
         self.state.last_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        with self._signals_deferred():  # marked point: checkpoints, metrics.csv, TensorBoard, progress
+        with self.stops.writing():  # marked point: checkpoints, metrics.csv, TensorBoard, progress
             self.callbacks.fire("epoch_end", self, row)
         if self._stop_agreed(force=True):
             self._leave()
@@ -415,57 +456,24 @@ class Trainer:
         """Has any rank been asked to stop? Under DDP every rank must leave at the same step,
         so the flag is all-reduced: each step on CPU, every 25 steps on GPUs (it syncs the host)."""
         if not self.ddp:
-            return self.stop_signal is not None
+            return self.stops.signum is not None
         if not force and self.device.type != "cpu" and self.state.global_step % 25:
             return False
-        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        flag = torch.tensor([self.stops.signum or 0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         signum = int(flag.item())
-        if signum and self.stop_signal is None:
-            self.stop_signal = signum  # another rank's signal: leave with its exit code too
+        if signum and self.stops.signum is None:
+            self.stops.signum = signum  # another rank's signal: leave with its exit code too
         return bool(signum)
 
     def _save_and_leave(self) -> None:
         elapsed = time.perf_counter() - self.epoch_began
         self.saved_totals = self.totals.to_dict(self.ddp, elapsed)  # a collective under DDP
-        with self._signals_deferred():
+        with self.stops.writing():
             self.callbacks.fire("interrupt", self)
         self._leave()
 
     def _leave(self) -> None:
         if self.ddp:
             torch.distributed.barrier()  # no rank exits (and gets the others killed) mid-save
-        raise Interrupted(self.stop_signal)
-
-    @contextmanager
-    def _signals_deferred(self):
-        """While checkpoints and metrics are written, a second Ctrl-C waits for the write to end
-        (a KeyboardInterrupt inside torch.save breaks the file off), then leaves."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.leave_after_save:
-            raise Interrupted(signal.SIGINT)
-
-    def _install_signal_handlers(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum, frame):
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                if self.deferring:
-                    self.leave_after_save = True
-                    return
-                raise KeyboardInterrupt  # second Ctrl-C: leave now
-            self.stop_signal = signum
-            self.console.warn(f"{signal.Signals(signum).name}: saving at the next step boundary")
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self, previous) -> None:
-        for sig, old in (previous or {}).items():
-            signal.signal(sig, old)
+        raise Interrupted(self.stops.signum)
