@@ -56,7 +56,9 @@ class BatchTransform:
         a, params = self.augment, self.params
         positions = positions.to(images.device)
         if "boxes" in params:  # (b, C, image_size, image_size) float in 0..255
-            images = crop_resize(images, params["boxes"].index_select(0, positions), self.preprocess.image_size)
+            images = crop_resize(
+                images, params["boxes"].index_select(0, positions), self.preprocess.image_size
+            )
         else:
             images = self.preprocess.center_crop(images)
         if "offsets" in params:
@@ -84,7 +86,9 @@ def random_crop_boxes(
     boxes (x1, y1, x2, y2) in pixels."""
     tries = 10
     area = side * side * torch.empty(count, tries).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(count, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    log_ratio = torch.empty(count, tries).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
     aspect = torch.exp(log_ratio)
     width = torch.sqrt(area * aspect).round()
     height = torch.sqrt(area / aspect).round()
@@ -105,7 +109,9 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
 
     index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32).view(-1, 1)
     rois = torch.cat([index, boxes.to(images.device, torch.float32)], dim=1)  # (b, 5)
-    return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return roi_align(
+        images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+    )
 
 
 def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:

@@ -566,9 +566,8 @@ def run_cache(action: str, root: str | None) -> int:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)) if entry.last_used else "-"
             )
             of = f"  ({_shown(entry.root)})" if entry.root and entry.root != str(entry.path) else ""
-            print(
-                f"{_size(entry.nbytes):>9}  {entry.files:3d} files  last used {used}  {_shown(entry.path)}{of}"
-            )
+            size = _size(entry.nbytes)
+            print(f"{size:>9}  {entry.files:3d} files  last used {used}  {_shown(entry.path)}{of}")
         print(f"{_size(sum(e.nbytes for e in entries)):>9}  in all")
         return 0
     freed = 0

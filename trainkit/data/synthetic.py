@@ -61,7 +61,9 @@ def make_synthetic(
         lab = labels[start : start + 2048]
         n = lab.shape[0]
         radius = (0.18 + 0.14 * torch.rand(n, 1, 1, generator=generator)) * image_size
-        centre = radius[:, None] + torch.rand(n, 2, 1, 1, generator=generator) * (image_size - 2 * radius[:, None])
+        centre = radius[:, None] + torch.rand(n, 2, 1, 1, generator=generator) * (
+            image_size - 2 * radius[:, None]
+        )
         dx = axis.view(1, 1, -1) - centre[:, 0]
         dy = axis.view(1, -1, 1) - centre[:, 1]
         mask = _shape_masks(lab, dx, dy, radius).unsqueeze(1)  # (n, 1, S, S)
@@ -75,4 +77,3 @@ def make_synthetic(
         pixels = pixels + noise * torch.randn(pixels.shape, generator=generator)
         images[start : start + n] = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels
-
