@@ -138,10 +138,17 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _run_section(run: Run, full: bool) -> str:
-    from trainkit.plots import confusion_png, results_png
+def _percent_row(label: Any, scores: dict, support: Any) -> list[Any]:
+    return [
+        label,
+        f"{100 * scores['precision']:.2f}%",
+        f"{100 * scores['recall']:.2f}%",
+        f"{100 * scores['f1']:.2f}%",
+        support,
+    ]
 
-    parts = []
+
+def _headline(run: Run) -> str:
     accuracy, split = run.accuracy()
     shown = "–" if accuracy is None else f"{100 * accuracy:.2f}%"
     metrics = [f'<span class="metric">accuracy ({_esc(split)}) <b>{shown}</b></span>']
@@ -150,70 +157,63 @@ def _run_section(run: Run, full: bool) -> str:
             f'<span class="metric">macro F1 <b>{100 * float(run.eval["macro_avg"]["f1"]):.2f}%</b></span>'
         )
         metrics.append(f'<span class="metric">images <b>{int(run.eval["num_samples"])}</b></span>')
-    parts.append(f'<div class="headline">{"".join(metrics)}</div>')
+    return f'<div class="headline">{"".join(metrics)}</div>'
 
-    parts.append("<h2>Curves</h2>")
+
+def _curves_section(run: Run) -> list[str]:
+    from trainkit.plots import results_png
+
+    # results.png is written by training; runs that predate it are drawn from results.csv
     curves = _png_file(run.path / "results.png") or (results_png(run.rows) if run.rows else None)
-    parts.append(_img(curves, "loss, accuracy and lr per epoch"))
+    return ["<h2>Curves</h2>", _img(curves, "loss, accuracy and lr per epoch")]
 
-    if run.eval:
-        classes = [str(c) for c in run.eval.get("classes", [])]
-        parts.append(f"<h2>Confusion matrix of best.pt on {_esc(run.eval.get('split'))}</h2>")
-        picture = _png_file(run.path / "confusion_matrix.png")
-        if picture is None and run.eval.get("confusion_matrix"):
-            picture = confusion_png(run.eval["confusion_matrix"], classes)
-        parts.append(_img(picture, "confusion matrix"))
-        parts.append("<h2>Per class</h2>")
-        rows = [
-            [
-                r["class"],
-                f"{100 * r['precision']:.2f}%",
-                f"{100 * r['recall']:.2f}%",
-                f"{100 * r['f1']:.2f}%",
-                r["support"],
-            ]
-            for r in run.eval.get("per_class_metrics", [])
-        ]
-        for label in ("macro_avg", "weighted_avg"):
-            avg = run.eval.get(label, {})
-            if avg:
-                rows.append(
-                    [
-                        label.replace("_", " "),
-                        f"{100 * avg['precision']:.2f}%",
-                        f"{100 * avg['recall']:.2f}%",
-                        f"{100 * avg['f1']:.2f}%",
-                        run.eval["num_samples"],
-                    ]
-                )
-        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
-        mistakes = run.eval.get("mistakes", [])
-        parts.append(
-            f"<h2>Most confident mistakes ({int(run.eval.get('num_mistakes', len(mistakes)))} in all)</h2>"
-        )
-        parts.append(_img(_png_file(run.path / "mistakes.png"), "thumbnails of the most confident mistakes"))
-        parts.append(
-            _table(
-                ["#", "true", "predicted", "probability", "file"],
-                [
-                    [
-                        m.get("index"),
-                        m.get("true"),
-                        m.get("predicted"),
-                        f"{float(m.get('probability', 0)):.3f}",
-                        m.get("path", ""),
-                    ]
-                    for m in mistakes[:MISTAKE_ROWS]
-                ],
-            )
-        )
-    else:
-        parts.append(
+
+def _eval_section(run: Run) -> list[str]:
+    from trainkit.plots import confusion_png
+
+    if not run.eval:
+        return [
             '<p class="muted">No eval.json in this run directory (the run did not finish, or predates '
             "it): run <code>trainkit eval RUN/checkpoints/best.pt --save RUN</code>.</p>"
-        )
+        ]
+    parts = []
+    classes = [str(c) for c in run.eval.get("classes", [])]
+    parts.append(f"<h2>Confusion matrix of best.pt on {_esc(run.eval.get('split'))}</h2>")
+    picture = _png_file(run.path / "confusion_matrix.png")
+    if picture is None and run.eval.get("confusion_matrix"):
+        picture = confusion_png(run.eval["confusion_matrix"], classes)
+    parts.append(_img(picture, "confusion matrix"))
+    parts.append("<h2>Per class</h2>")
+    rows = [_percent_row(r["class"], r, r["support"]) for r in run.eval.get("per_class_metrics", [])]
+    for label in ("macro_avg", "weighted_avg"):
+        avg = run.eval.get(label, {})
+        if avg:
+            rows.append(_percent_row(label.replace("_", " "), avg, run.eval["num_samples"]))
+    parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
+    parts.extend(_mistakes_section(run))
+    return parts
 
-    parts.append("<h2>Timing and throughput</h2>")
+
+def _mistakes_section(run: Run) -> list[str]:
+    mistakes = run.eval.get("mistakes", [])
+    rows = [
+        [
+            m.get("index"),
+            m.get("true"),
+            m.get("predicted"),
+            f"{float(m.get('probability', 0)):.3f}",
+            m.get("path", ""),
+        ]
+        for m in mistakes[:MISTAKE_ROWS]
+    ]
+    return [
+        f"<h2>Most confident mistakes ({int(run.eval.get('num_mistakes', len(mistakes)))} in all)</h2>",
+        _img(_png_file(run.path / "mistakes.png"), "thumbnails of the most confident mistakes"),
+        _table(["#", "true", "predicted", "probability", "file"], rows),
+    ]
+
+
+def _timing_section(run: Run) -> list[str]:
     speeds = [float(r["images_per_s"]) for r in run.rows if r.get("images_per_s")]
     info = run.info
     timing = [
@@ -227,27 +227,40 @@ def _run_section(run: Run, full: bool) -> str:
         ["throughput (last epoch)", f"{speeds[-1]:,.0f} images/s" if speeds else "–"],
         ["throughput (best epoch)", f"{max(speeds):,.0f} images/s" if speeds else "–"],
     ]
-    parts.append(_table(["", ""], timing))
+    return ["<h2>Timing and throughput</h2>", _table(["", ""], timing)]
+
+
+_ENVIRONMENT_KEYS = (
+    "trainkit",
+    "torch",
+    "torchvision",
+    "python",
+    "platform",
+    "device",
+    "cuda",
+    "parameters",
+    "trainable_parameters",
+    "size_mb",
+    "flops_per_image",
+    "started",
+    "finished",
+)
+
+
+def _environment_section(run: Run) -> list[str]:
+    rows = [[k, run.info[k]] for k in _ENVIRONMENT_KEYS if k in run.info] or [["run.json", "missing"]]
+    return [
+        "<h2>Environment and model</h2>",
+        _table(["", ""], rows),
+        "<h2>Config</h2>",
+        f"<pre>{html.escape(run.config_text)}</pre>",
+    ]
+
+
+def _run_section(run: Run, full: bool) -> str:
+    parts = [_headline(run), *_curves_section(run), *_eval_section(run), *_timing_section(run)]
     if full:
-        parts.append("<h2>Environment and model</h2>")
-        keys = [
-            "trainkit",
-            "torch",
-            "torchvision",
-            "python",
-            "platform",
-            "device",
-            "cuda",
-            "parameters",
-            "trainable_parameters",
-            "size_mb",
-            "flops_per_image",
-            "started",
-            "finished",
-        ]
-        parts.append(_table(["", ""], [[k, info[k]] for k in keys if k in info] or [["run.json", "missing"]]))
-        parts.append("<h2>Config</h2>")
-        parts.append(f"<pre>{html.escape(run.config_text)}</pre>")
+        parts.extend(_environment_section(run))
     return "\n".join(parts)
 
 
