@@ -88,6 +88,57 @@ def collect_outputs(model, source, transform, loss_fn, precision: str = "32"):
     return torch.cat(probs), torch.cat(labels), float(loss_sum) / count
 
 
+def _class_scores(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Confusion (K, K) as (true, predicted) and per-class precision, recall, F1, support (K,)."""
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes)  # (true, predicted)
+    true_positive = confusion.diagonal().double()
+    support = confusion.sum(dim=1).double()
+    predicted_count = confusion.sum(dim=0).double()
+    precision = torch.where(predicted_count > 0, true_positive / predicted_count.clamp_min(1), 0.0)
+    recall = torch.where(support > 0, true_positive / support.clamp_min(1), 0.0)
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-12), 0.0)
+    return {
+        "confusion": confusion,
+        "true_positive": true_positive,
+        "support": support,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }
+
+
+def _top_k_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    return float((probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1).double().mean())
+
+
+def _confident_mistakes(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    names: list[str],
+    paths: list[str] | None,
+    kept: int,
+) -> tuple[int, list[dict[str, Any]]]:
+    """→ (how many are wrong, the `kept` most confident of them; ties keep the split's order)."""
+    wrong = torch.nonzero(predicted != labels).squeeze(1)
+    confidence = probs[wrong, predicted[wrong]]
+    order = wrong[confidence.argsort(descending=True, stable=True)][:kept]
+    mistakes = [
+        {
+            "index": int(i),
+            **({"path": paths[i]} if paths is not None else {}),
+            "true": names[int(labels[i])],
+            "predicted": names[int(predicted[i])],
+            "probability": float(probs[i, predicted[i]]),
+            "probability_true": float(probs[i, labels[i]]),
+        }
+        for i in order.tolist()
+    ]
+    return int(wrong.numel()), mistakes
+
+
 def summarize(
     probs: torch.Tensor,
     labels: torch.Tensor,
@@ -103,56 +154,32 @@ def summarize(
     in the split (support > 0), the weighted one weighs them by support."""
     count, num_classes = probs.shape
     predicted = probs.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
-    confusion = confusion.view(num_classes, num_classes)  # (true, predicted)
-    true_positive = confusion.diagonal().double()
-    support = confusion.sum(dim=1).double()
-    predicted_count = confusion.sum(dim=0).double()
-    precision = torch.where(predicted_count > 0, true_positive / predicted_count.clamp_min(1), 0.0)
-    recall = torch.where(support > 0, true_positive / support.clamp_min(1), 0.0)
-    denominator = precision + recall
-    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-12), 0.0)
+    scores = _class_scores(predicted, labels, num_classes)
+    support = scores["support"]
     present = support > 0
     weights = support / support.sum()
 
-    def averages(values: torch.Tensor) -> tuple[float, float]:
+    def averages(name: str) -> tuple[float, float]:
+        values = scores[name]
         return float(values[present].mean()), float((values * weights).sum())
 
-    accuracy = float(true_positive.sum()) / count
-    top_k = {}
-    for k in TOP_KS:
-        if k < num_classes:
-            ranked = probs.topk(k, dim=1).indices
-            top_k[str(k)] = float((ranked == labels[:, None]).any(dim=1).double().mean())
-    k5 = min(5, num_classes)
-    top5 = float((probs.topk(k5, dim=1).indices == labels[:, None]).any(dim=1).double().mean())
+    accuracy = float(scores["true_positive"].sum()) / count
+    top_k = {str(k): _top_k_accuracy(probs, labels, k) for k in TOP_KS if k < num_classes}
+    top5 = _top_k_accuracy(probs, labels, min(5, num_classes))
 
     names = list(classes) + [f"class_{i}" for i in range(len(classes), num_classes)]
     per_class_table = [
         {
             "class": names[i],
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
+            "precision": float(scores["precision"][i]),
+            "recall": float(scores["recall"][i]),
+            "f1": float(scores["f1"][i]),
             "support": int(support[i]),
         }
         for i in range(num_classes)
     ]
-    wrong = torch.nonzero(predicted != labels).squeeze(1)
-    confidence = probs[wrong, predicted[wrong]]
-    order = wrong[confidence.argsort(descending=True, stable=True)][:mistakes_kept]
-    mistakes = [
-        {
-            "index": int(i),
-            **({"path": paths[i]} if paths is not None else {}),
-            "true": names[int(labels[i])],
-            "predicted": names[int(predicted[i])],
-            "probability": float(probs[i, predicted[i]]),
-            "probability_true": float(probs[i, labels[i]]),
-        }
-        for i in order.tolist()
-    ]
-    macro = averages(precision), averages(recall), averages(f1)
+    num_mistakes, mistakes = _confident_mistakes(probs, labels, predicted, names, paths, mistakes_kept)
+    macro = averages("precision"), averages("recall"), averages("f1")
     return {
         # today's keys
         "loss": loss,
@@ -164,11 +191,11 @@ def summarize(
         # new ones
         "classes": names,
         "top_k": top_k,
-        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix": scores["confusion"].tolist(),
         "per_class_metrics": per_class_table,
         "macro_avg": {"precision": macro[0][0], "recall": macro[1][0], "f1": macro[2][0]},
         "weighted_avg": {"precision": macro[0][1], "recall": macro[1][1], "f1": macro[2][1]},
-        "num_mistakes": int(wrong.numel()),
+        "num_mistakes": num_mistakes,
         "mistakes": mistakes,
     }
 
@@ -223,6 +250,23 @@ def score_split(
     return summarize(probs, labels, classes, loss, split_paths(part)), part
 
 
+def _eval_data_config(data, preprocess, overrides: list[str]):
+    # The data must look like what the model was trained on, whatever the overrides say.
+    # A checkpoint never chooses where to write: its data.cache_dir is used only when the
+    # command line names it again.
+    overridden = any(o.split("=", 1)[0].strip() == "data.cache_dir" for o in overrides)
+    data_cfg = data.model_copy(
+        update={
+            "channels": preprocess.channels,
+            "image_size": preprocess.image_size,
+            "resize": preprocess.resize,
+            "resize_size": preprocess.resize_size,
+            "cache_dir": data.cache_dir if overridden else None,
+        }
+    )
+    return data_cfg
+
+
 def run_eval(
     checkpoint: str,
     overrides: list[str],
@@ -245,19 +289,7 @@ def run_eval(
     raw = config_without_write_locations(state["config"])
     config = config_from_dict(apply_overrides(raw, overrides), "checkpoint config")
     preprocess = Preprocess.from_dict(state["preprocess"])
-    # The data must look like what the model was trained on, whatever the overrides say.
-    # A checkpoint never chooses where to write: its data.cache_dir is used only when the
-    # command line names it again.
-    overridden = any(o.split("=", 1)[0].strip() == "data.cache_dir" for o in overrides)
-    data_cfg = config.data.model_copy(
-        update={
-            "channels": preprocess.channels,
-            "image_size": preprocess.image_size,
-            "resize": preprocess.resize,
-            "resize_size": preprocess.resize_size,
-            "cache_dir": config.data.cache_dir if overridden else None,
-        }
-    )
+    data_cfg = _eval_data_config(config.data, preprocess, overrides)
     classes = list(state["classes"])
     splits = build_splits(data_cfg, config.run.seed, split=split, classes=classes)
     if list(splits.classes) != classes:
@@ -301,10 +333,47 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
+def _per_class_rows(metrics: dict[str, Any]) -> list[list]:
+    def row(label: str, scores: dict, support) -> list:
+        return [
+            label,
+            f"{scores['precision']:.6f}",
+            f"{scores['recall']:.6f}",
+            f"{scores['f1']:.6f}",
+            support,
+        ]
+
+    rows = [row(r["class"], r, r["support"]) for r in metrics["per_class_metrics"]]
+    rows += [row(label, metrics[label], metrics["num_samples"]) for label in ("macro_avg", "weighted_avg")]
+    return rows
+
+
+def _mistakes_png(shown: list[dict[str, Any]], part) -> bytes | None:
+    """A thumbnail grid of the mistakes whose images still load; None when none do."""
+    from trainkit.plots import image_grid_png
+
+    if not shown:
+        return None
+    items = part.dataset()
+    images, captions = [], []
+    for mistake in shown:
+        try:
+            images.append(items[mistake["index"]][0])
+        except TrainkitError:  # the file changed since: leave it out of the picture
+            continue
+        true, predicted = printable(mistake["true"], 15), printable(mistake["predicted"], 11)
+        captions.append(f"{true}\n→ {predicted} {mistake['probability']:.2f}")
+    if not images:
+        return None
+    return image_grid_png(
+        images, captions, columns=8, title="most confident mistakes: true → predicted, probability"
+    )
+
+
 def save_eval(metrics: dict[str, Any], directory: str | Path, part=None, plots: bool = True) -> list[Path]:
     """eval.json, confusion_matrix.csv/.png, per_class.csv, mistakes.csv (+ mistakes.png when
     the split's pixels are at hand) into `directory` → the paths written. plots=False: no PNGs."""
-    from trainkit.plots import confusion_png, image_grid_png
+    from trainkit.plots import confusion_png
 
     folder = output_dir(directory)
     classes = metrics["classes"]
@@ -322,48 +391,18 @@ def save_eval(metrics: dict[str, Any], directory: str | Path, part=None, plots: 
             [[name, *row] for name, row in zip(classes, metrics["confusion_matrix"])],
         ),
     )
-    rows = [
-        [r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"]]
-        for r in metrics["per_class_metrics"]
-    ]
-    for label in ("macro_avg", "weighted_avg"):
-        avg = metrics[label]
-        rows.append(
-            [
-                label,
-                f"{avg['precision']:.6f}",
-                f"{avg['recall']:.6f}",
-                f"{avg['f1']:.6f}",
-                metrics["num_samples"],
-            ]
-        )
-    put("per_class.csv", _csv_text(["class", "precision", "recall", "f1", "support"], rows))
+    put(
+        "per_class.csv",
+        _csv_text(["class", "precision", "recall", "f1", "support"], _per_class_rows(metrics)),
+    )
     columns = ["index", "path", "true", "predicted", "probability", "probability_true"]
     put("mistakes.csv", _csv_text(columns, [[m.get(c, "") for c in columns] for m in metrics["mistakes"]]))
     if not plots:
         return written
     put("confusion_matrix.png", confusion_png(metrics["confusion_matrix"], classes))
-    shown = metrics["mistakes"][:MISTAKES_GRID]
-    if part is not None and shown:
-        items = part.dataset()
-        images, captions = [], []
-        for mistake in shown:
-            try:
-                images.append(items[mistake["index"]][0])
-            except TrainkitError:  # the file changed since: leave it out of the picture
-                continue
-            true, predicted = printable(mistake["true"], 15), printable(mistake["predicted"], 11)
-            captions.append(f"{true}\n→ {predicted} {mistake['probability']:.2f}")
-        if images:
-            put(
-                "mistakes.png",
-                image_grid_png(
-                    images,
-                    captions,
-                    columns=8,
-                    title="most confident mistakes: true → predicted, probability",
-                ),
-            )
+    picture = _mistakes_png(metrics["mistakes"][:MISTAKES_GRID], part) if part is not None else None
+    if picture is not None:
+        put("mistakes.png", picture)
     return written
 
 

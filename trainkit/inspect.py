@@ -176,65 +176,37 @@ def suggest_size(sides: list[int]) -> int:
     return fitting[-1] if fitting else max(1, int(median))  # tiny images: their own size
 
 
-def inspect_data(target: str, workers: int | None = None) -> tuple[dict[str, Any], Any]:
-    """→ (the report as plain data, a loader of sample pixels for the grid)."""
+def _resolve_target(target: str) -> tuple[Path | None, str, Any]:
+    """A folder or a config → (image root or None for array datasets, source name, config or None)."""
     path = Path(target)
-    workers = workers or min(8, os.cpu_count() or 1)
-    pixels = None
     if path.is_dir():
-        root, source = path, "folder"
-    elif path.is_file():
-        from trainkit.config import load_config
-
-        config = load_config(path)
-        if config.data.name == "imagefolder":
-            root, source = Path(config.data.root), "imagefolder"
-            if not root.is_dir():
-                raise TrainkitError(f"data.root {printable(root)}: no such folder")
-        else:
-            root, source = None, config.data.name
-    else:
+        return path, "folder", None
+    if not path.is_file():
         raise TrainkitError(f"{printable(target)}: no such file or folder")
+    from trainkit.config import load_config
 
-    decoded_now = 0
-    if root is not None:
-        layout = _folder_splits(root)
-        files = [f for classes in layout.values() for items in classes.values() for f in items]
-        if not files:
-            raise TrainkitError(f"{printable(root)}: no images found (expected <split>/<class>/<image>)")
-        findings, decoded_now = _examine_all(files, root, workers)
-    else:
-        layout, findings, pixels = _array_records(config)
+    config = load_config(path)
+    if config.data.name != "imagefolder":
+        return None, config.data.name, config
+    root = Path(config.data.root)
+    if not root.is_dir():
+        raise TrainkitError(f"data.root {printable(root)}: no such folder")
+    return root, "imagefolder", config
 
-    report: dict[str, Any] = {"source": source, "root": str(root) if root else None, "splits": {}}
-    all_classes = sorted({c for classes in layout.values() for c in classes})
-    report["classes"] = all_classes
-    sizes: Counter = Counter()
-    modes: Counter = Counter()
-    short_sides: list[int] = []
-    corrupt = []
-    by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # hash → [(split, class, path)]
-    total = 0
-    for split, classes in layout.items():
-        counts = {name: len(items) for name, items in classes.items()}
-        nonzero = [n for n in counts.values() if n]
-        report["splits"][split] = {
-            "images": sum(counts.values()),
-            "class_counts": counts,
-            "imbalance": (max(nonzero) / min(nonzero)) if nonzero else None,
-            "empty_classes": [name for name, n in counts.items() if n == 0],
-        }
-        for name, items in classes.items():
-            for file, _, _ in items:
-                digest, width, height, mode, error = findings[file]
-                total += 1
-                if error:
-                    corrupt.append({"split": split, "class": name, "path": file, "error": error})
-                    continue
-                sizes[(width, height)] += 1
-                modes[mode] += 1
-                short_sides.append(min(width, height))
-                by_hash[digest].append((split, name, file))
+
+def _split_summary(classes: dict[str, list]) -> dict[str, Any]:
+    counts = {name: len(items) for name, items in classes.items()}
+    nonzero = [n for n in counts.values() if n]
+    return {
+        "images": sum(counts.values()),
+        "class_counts": counts,
+        "imbalance": (max(nonzero) / min(nonzero)) if nonzero else None,
+        "empty_classes": [name for name, n in counts.items() if n == 0],
+    }
+
+
+def _duplicate_groups(by_hash: dict[str, list[tuple[str, str, str]]]) -> tuple[list, list, list]:
+    """→ (groups spanning splits, groups inside one split, groups whose copies disagree on the class)."""
     across, within, conflicting = [], [], []
     for members in by_hash.values():
         if len(members) < 2:
@@ -246,6 +218,52 @@ def inspect_data(target: str, workers: int | None = None) -> tuple[dict[str, Any
             within.append(group)
         if len({c for _, c, _ in members}) > 1:
             conflicting.append(group)
+    return across, within, conflicting
+
+
+def _tally(layout: dict, findings: dict, splits: dict[str, Any]) -> tuple:
+    """Fills `splits` with each split's counts → (sizes, modes, short sides, corrupt, by_hash, total)."""
+    sizes: Counter = Counter()
+    modes: Counter = Counter()
+    short_sides: list[int] = []
+    corrupt = []
+    by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # hash → [(split, class, path)]
+    total = 0
+    for split, classes in layout.items():
+        splits[split] = _split_summary(classes)
+        for name, items in classes.items():
+            for file, _, _ in items:
+                digest, width, height, mode, error = findings[file]
+                total += 1
+                if error:
+                    corrupt.append({"split": split, "class": name, "path": file, "error": error})
+                    continue
+                sizes[(width, height)] += 1
+                modes[mode] += 1
+                short_sides.append(min(width, height))
+                by_hash[digest].append((split, name, file))
+    return sizes, modes, short_sides, corrupt, by_hash, total
+
+
+def inspect_data(target: str, workers: int | None = None) -> tuple[dict[str, Any], Any]:
+    """→ (the report as plain data, a loader of sample pixels for the grid)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    root, source, config = _resolve_target(target)
+    pixels = None
+    decoded_now = 0
+    if root is not None:
+        layout = _folder_splits(root)
+        files = [f for classes in layout.values() for items in classes.values() for f in items]
+        if not files:
+            raise TrainkitError(f"{printable(root)}: no images found (expected <split>/<class>/<image>)")
+        findings, decoded_now = _examine_all(files, root, workers)
+    else:
+        layout, findings, pixels = _array_records(config)
+
+    report: dict[str, Any] = {"source": source, "root": str(root) if root else None, "splits": {}}
+    report["classes"] = sorted({c for classes in layout.values() for c in classes})
+    sizes, modes, short_sides, corrupt, by_hash, total = _tally(layout, findings, report["splits"])
+    across, within, conflicting = _duplicate_groups(by_hash)
     widths = [w for (w, _), n in sizes.items() for _ in range(n)]
     heights = [h for (_, h), n in sizes.items() for _ in range(n)]
     channels = 1 if modes and all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes) else 3
@@ -262,16 +280,8 @@ def inspect_data(target: str, workers: int | None = None) -> tuple[dict[str, Any
         },
         modes=dict(modes.most_common()),
         corrupt=corrupt,
-        duplicates_across_splits={
-            "groups": len(across),
-            "images": sum(len(g) for g in across),
-            "examples": across[:SHOWN],
-        },
-        duplicates_within_split={
-            "groups": len(within),
-            "images": sum(len(g) for g in within),
-            "examples": within[:SHOWN],
-        },
+        duplicates_across_splits=_group_summary(across),
+        duplicates_within_split=_group_summary(within),
         duplicates_with_different_labels={"groups": len(conflicting), "examples": conflicting[:SHOWN]},
         suggested_image_size=size,
         channels=channels,
@@ -279,6 +289,10 @@ def inspect_data(target: str, workers: int | None = None) -> tuple[dict[str, Any
     )
     report["leakage"] = bool(across)
     return report, (layout, findings, pixels)
+
+
+def _group_summary(groups: list[list[dict]]) -> dict[str, Any]:
+    return {"groups": len(groups), "images": sum(len(g) for g in groups), "examples": groups[:SHOWN]}
 
 
 def _spread(values: list[int]) -> dict[str, float] | None:
