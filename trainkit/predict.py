@@ -125,42 +125,67 @@ def run_predict(
         print(f"error: {escape(message)}", file=sys.stderr)
     failed = bool(errors)
     for start in range(0, len(paths), PREDICT_BATCH):
-        batch, kept = [], []
-        for image_path in paths[start : start + PREDICT_BATCH]:
-            try:
-                image = decode_image(
-                    image_path, preprocess.channels, preprocess.stored_size, preprocess.resize
-                )
-                batch.append(image)
-                kept.append(image_path)
-            except TrainkitError as error:
-                print(f"error: {escape(error)}", file=sys.stderr)
-                failed = True
+        batch, kept, unreadable = _decode_batch(paths[start : start + PREDICT_BATCH], preprocess)
+        failed = failed or unreadable
         if not batch:
             continue
-        with torch.inference_mode():
-            logits = classifier(torch.stack(batch))[:, : len(classes)]  # (b, K): spare outputs unused
-            probs = logits.float().softmax(dim=1)
-            top_p, top_i = probs.topk(k, dim=1)
-        for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
-            record = {
-                "path": str(image_path),
-                "label": classes[i_row[0]],
-                "index": i_row[0],
-                "prob": p_row[0],
-                "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
-            }
+        for image_path, record in _top_k_records(classifier, batch, kept, classes, k):
             if sorter is not None:
-                sorter.add(image_path, classes[i_row[0]])
+                sorter.add(image_path, record["label"])
             if output is not None:
                 output.add(record)
             elif as_json:
                 print(to_json(record))
             else:
-                extra = "  ".join(f"{escape(classes[i])} {p:.3f}" for i, p in zip(i_row[1:], p_row[1:]))
-                line = f"{escape(image_path)}\t{escape(classes[i_row[0]])}\t{p_row[0]:.4f}"
-                print(line + (f"\t{extra}" if extra else ""))
+                print(_text_line(record))
         sys.stdout.flush()
+    _close_outputs(output, sorter)
+    if not paths and not errors:
+        print("error: no images found in the inputs", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+def _decode_batch(paths: list[Path], preprocess) -> tuple[list[torch.Tensor], list[Path], bool]:
+    """→ (decoded images, their paths, whether any failed); each failure gets one error line."""
+    batch, kept, failed = [], [], False
+    for image_path in paths:
+        try:
+            image = decode_image(image_path, preprocess.channels, preprocess.stored_size, preprocess.resize)
+            batch.append(image)
+            kept.append(image_path)
+        except TrainkitError as error:
+            print(f"error: {escape(error)}", file=sys.stderr)
+            failed = True
+    return batch, kept, failed
+
+
+def _top_k_records(classifier, batch: list[torch.Tensor], kept: list[Path], classes: list[str], k: int):
+    with torch.inference_mode():
+        logits = classifier(torch.stack(batch))[:, : len(classes)]  # (b, K): spare outputs unused
+        probs = logits.float().softmax(dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+    for image_path, p_row, i_row in zip(kept, top_p.tolist(), top_i.tolist()):
+        yield (
+            image_path,
+            {
+                "path": str(image_path),
+                "label": classes[i_row[0]],
+                "index": i_row[0],
+                "prob": p_row[0],
+                "topk": [{"label": classes[i], "prob": p} for i, p in zip(i_row, p_row)],
+            },
+        )
+
+
+def _text_line(record: dict) -> str:
+    """`path<TAB>label<TAB>prob[<TAB>runner-up prob  ...]`, names escaped (they come from files)."""
+    extra = "  ".join(f"{escape(t['label'])} {t['prob']:.3f}" for t in record["topk"][1:])
+    line = f"{escape(record['path'])}\t{escape(record['label'])}\t{record['prob']:.4f}"
+    return line + (f"\t{extra}" if extra else "")
+
+
+def _close_outputs(output, sorter) -> None:
     if output is not None:
         output.close()
         print(f"wrote {len(output.records)} predictions to {output.path}", file=sys.stderr)
@@ -169,7 +194,3 @@ def run_predict(
         how = f", {sorter.copied} copied" if sorter.copied else ""
         placed = sum(sorter.counts.values())
         print(f"sorted {placed} images into {sorter.root}/<label>/ (hard links{how})", file=sys.stderr)
-    if not paths and not errors:
-        print("error: no images found in the inputs", file=sys.stderr)
-        return 1
-    return 1 if failed else 0
