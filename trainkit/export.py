@@ -576,17 +576,10 @@ def compare(reference: Classifier, exported: Classifier, images: torch.Tensor) -
     return worst, agree
 
 
-def run_export(
-    checkpoint: str,
-    fmt: str,
-    output: str | None = None,
-    opset: int | None = None,
-    with_preprocess: bool = False,
-    image_paths: list[str] | None = None,
-    num_images: int = DEFAULT_PARITY_IMAGES,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> ExportResult:
-    """Write the export, load it back and compare it with the checkpoint's model."""
+def _checked_options(
+    fmt: str, opset: int | None, with_preprocess: bool, num_images: int, tolerance: float
+) -> int | None:
+    """Every flag checked before anything is loaded or written → the opset to use (onnx only)."""
     if fmt not in FORMATS:
         from trainkit.errors import unknown_choice
 
@@ -606,7 +599,40 @@ def run_export(
         raise ConfigError("--num-images", f"must be 1..{MAX_PARITY_IMAGES}")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ConfigError("--tolerance", "must be a finite number >= 0")
+    return opset
 
+
+def _write_export(
+    fmt: str, path: Path, model, state: dict[str, Any], meta: dict[str, Any], opset, preprocess: Preprocess
+) -> None:
+    if fmt == "onnx":
+        write_bytes(path, _onnx_bytes(model, _example_input(preprocess, 2, meta["input_dtype"]), meta, opset))
+    elif fmt == "torchscript":
+        write_bytes(path, _torchscript_bytes(model, _example_input(preprocess, 2, meta["input_dtype"]), meta))
+    elif fmt == "safetensors":
+        from safetensors.torch import save
+
+        weights = save(_plain_weights(model), metadata={"format": "pt"})
+        write_bytes(sidecar_path(path), (json.dumps(meta, indent=2) + "\n").encode())
+        write_bytes(path, weights)
+    else:
+        buffer = io.BytesIO()
+        torch.save(_slim_state(state, model), buffer)
+        write_bytes(path, buffer.getvalue())
+
+
+def run_export(
+    checkpoint: str,
+    fmt: str,
+    output: str | None = None,
+    opset: int | None = None,
+    with_preprocess: bool = False,
+    image_paths: list[str] | None = None,
+    num_images: int = DEFAULT_PARITY_IMAGES,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Write the export, load it back and compare it with the checkpoint's model."""
+    opset = _checked_options(fmt, opset, with_preprocess, num_images, tolerance)
     source_path = Path(checkpoint)
     state = load_checkpoint(source_path)
     path = Path(output) if output else default_output(source_path, fmt)
@@ -621,21 +647,7 @@ def run_export(
     original = build_model_from_checkpoint(state, source_path).float().eval()
     reference = torch_classifier(original, preprocess, meta["classes"])
     model = model_to_export(original, state, with_preprocess)
-    if fmt == "onnx":
-        write_bytes(path, _onnx_bytes(model, _example_input(preprocess, 2, input_dtype), meta, opset))
-    elif fmt == "torchscript":
-        write_bytes(path, _torchscript_bytes(model, _example_input(preprocess, 2, input_dtype), meta))
-    elif fmt == "safetensors":
-        from safetensors.torch import save
-
-        weights = save(_plain_weights(model), metadata={"format": "pt"})
-        write_bytes(sidecar_path(path), (json.dumps(meta, indent=2) + "\n").encode())
-        write_bytes(path, weights)
-    else:
-        buffer = io.BytesIO()
-        torch.save(_slim_state(state, model), buffer)
-        write_bytes(path, buffer.getvalue())
-
+    _write_export(fmt, path, model, state, meta, opset, preprocess)
     return check_parity(state, reference, fmt, path, image_paths, num_images, tolerance)
 
 
