@@ -453,22 +453,21 @@ def make_sources(config: Config, bundle, *, placement, drop_last: bool = False) 
     return train, val
 
 
-def build_run(
-    config: Config, *, placement, console: Console, trust_code: bool = False, resumed_epoch: int | None = None
-) -> Built:
-    from trainkit.data.pipeline import build_data
-    from trainkit.finetune import FreezeSchedule, frozen_parameter_names
-    from trainkit.optim import build_loss, build_optimizer, build_scheduler
-    from trainkit.runtime import local_main_first, seed_everything, wrap_model
-    from trainkit.weights import apply_init, head_parameter_names
+def wrap_for_training(model: torch.nn.Module, config: Config, placement) -> torch.nn.Module:
+    """DDP (when distributed), then torch.compile when train.compile: at the start and after an unfreeze."""
+    from trainkit.runtime import wrap_model
 
-    seed_everything(config.run.seed)
-    torch.backends.cudnn.benchmark = placement.device.type == "cuda"
-    data_cfg = resolve_data_config(config)
-    data_began = time.perf_counter()
-    with local_main_first(placement):
-        bundle = build_data(data_cfg, config.run.seed, console)
-    spec = model_spec(config, bundle.splits)
+    wrapped = wrap_model(model, placement)
+    return torch.compile(wrapped) if config.train.compile else wrapped
+
+
+def _build_initialised_model(
+    config: Config, spec: dict[str, Any], *, placement, trust_code: bool, resumed_epoch: int | None
+) -> tuple[torch.nn.Module, str | None]:
+    """→ (the model, seeded and initialised from model.weights / model.init, the line saying how)."""
+    from trainkit.runtime import local_main_first
+    from trainkit.weights import apply_init
+
     init_lines = ["weights from the checkpoint being resumed" if resumed_epoch is not None else None]
 
     def initialise(model) -> None:
@@ -492,7 +491,15 @@ def build_run(
         trust_code=trust_code,
         before_probe=initialise,
     )
-    loss_fn = build_loss(config.loss, spec["num_classes"]).to(placement.device)
+    return model, init_lines[0]
+
+
+def _build_optimizer_and_freeze(config: Config, model, spec: dict[str, Any], resumed_epoch: int | None):
+    """→ (optimizer, names of the frozen parameters, the freeze schedule or None)."""
+    from trainkit.finetune import FreezeSchedule, frozen_parameter_names
+    from trainkit.optim import build_optimizer
+    from trainkit.weights import head_parameter_names
+
     head = head_parameter_names(model, spec["num_classes"])
     if config.optim.head_lr is not None and not head:
         raise ConfigError("optim.head_lr", "no classifier head found in this model")
@@ -503,6 +510,28 @@ def build_run(
     freezer = FreezeSchedule(model, frozen, config.train.unfreeze_epoch) if frozen else None
     if freezer is not None:
         freezer.at_epoch(resumed_epoch or 0)
+    return optimizer, frozen, freezer
+
+
+def build_run(
+    config: Config, *, placement, console: Console, trust_code: bool = False, resumed_epoch: int | None = None
+) -> Built:
+    from trainkit.data.pipeline import build_data
+    from trainkit.optim import build_loss, build_scheduler
+    from trainkit.runtime import local_main_first, seed_everything
+
+    seed_everything(config.run.seed)
+    torch.backends.cudnn.benchmark = placement.device.type == "cuda"
+    data_cfg = resolve_data_config(config)
+    data_began = time.perf_counter()
+    with local_main_first(placement):
+        bundle = build_data(data_cfg, config.run.seed, console)
+    spec = model_spec(config, bundle.splits)
+    model, init_line = _build_initialised_model(
+        config, spec, placement=placement, trust_code=trust_code, resumed_epoch=resumed_epoch
+    )
+    loss_fn = build_loss(config.loss, spec["num_classes"]).to(placement.device)
+    optimizer, frozen, freezer = _build_optimizer_and_freeze(config, model, spec, resumed_epoch)
     drop_last = _batchnorm_drop_last(model, config, len(bundle.splits.train), placement.world, console)
     train_source, val_source = make_sources(config, bundle, placement=placement, drop_last=drop_last)
     # all of the wait for data before the first step: both splits' decoding or cache loads
@@ -510,11 +539,8 @@ def build_run(
     steps_per_epoch = math.ceil(len(train_source) / config.train.grad_accum_steps)
     monitor = Monitor.for_metric(config.train.monitor)
     schedule = build_scheduler(config.sched, optimizer, steps_per_epoch, config.train.epochs, monitor.mode)
-    wrapped = wrap_model(model, placement)
-    if config.train.compile:
-        wrapped = torch.compile(wrapped)
     return Built(
-        wrapped,
+        wrap_for_training(model, config, placement),
         spec,
         loss_fn,
         optimizer,
@@ -523,7 +549,7 @@ def build_run(
         val_source,
         bundle,
         data_line=_data_line(config, bundle, data_seconds, placement),
-        model_line=model_line(config, model, init_lines[0], frozen),
+        model_line=model_line(config, model, init_line, frozen),
         freezer=freezer,
         trust_code=trust_code,
         data_seconds=data_seconds,
@@ -675,6 +701,12 @@ def run_callbacks(
     return [writer, reporter, insight]
 
 
+def _with_resolved_data_root(config: Config) -> Config:
+    # The data folder is saved resolved, so that eval finds it from any working directory.
+    root = os.path.abspath(os.path.expanduser(config.data.root))
+    return config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
+
+
 def run_train(
     config: Config | None,
     *,
@@ -701,9 +733,7 @@ def run_train(
     lock = plan.lock if plan is not None else None
     try:
         check_config(config, trust_code)
-        # The data folder is saved resolved, so that eval finds it from any working directory.
-        root = os.path.abspath(os.path.expanduser(config.data.root))
-        config = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
+        config = _with_resolved_data_root(config)
         placement = resolve_placement(config.train.device, config.train.parallel)
         console = Console(enabled=placement.is_main)
         resumed_epoch = int(plan.state["epoch"]) if plan is not None else None
@@ -725,13 +755,7 @@ def run_train(
             config, run_dir, placement=placement, console=console, started=started, built=built
         )
         if built.freezer is not None:
-            from trainkit.runtime import wrap_model
-
-            def rewrap(model):
-                wrapped = wrap_model(model, placement)
-                return torch.compile(wrapped) if config.train.compile else wrapped
-
-            own.insert(0, Unfreeze(built.freezer, rewrap, console))
+            own.insert(0, Unfreeze(built.freezer, lambda m: wrap_for_training(m, config, placement), console))
         trainer.callbacks.callbacks[:] = [*own, *callbacks]
         trainer.fit()
         shutdown_distributed()
