@@ -114,6 +114,27 @@ def _refuse_link_at(dir_fd: int, name: str, path: Path) -> None:
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
 
 
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _replace_at(dir_fd: int, tmp: str, name: str) -> None:
+    """Rename the finished temp file over `name` (both in `dir_fd`), then fsync the directory so
+    the rename survives a power cut; on failure the temp file is removed, never left behind."""
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _unlink_quietly(tmp, dir_fd)
+        raise
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename itself is done
+        pass
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(handle)` on a fresh temp file beside `path`, fsync it, rename it over `path`
     and fsync the directory: a crash at any moment leaves the old file or the new one. Raises
@@ -132,17 +153,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
+            _unlink_quietly(tmp, dir_fd)
             raise
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
+        _replace_at(dir_fd, tmp, path.name)
     finally:
         os.close(dir_fd)
 
@@ -215,18 +229,7 @@ def link_or_copy(source: Path, target: Path) -> None:
                 with open(source, "rb") as original:
                     atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
                 return
-            try:
-                os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=dir_fd)
-                except OSError:
-                    pass
-                raise
-            try:
-                os.fsync(dir_fd)
-            except OSError:
-                pass
+            _replace_at(dir_fd, tmp, target.name)
         finally:
             os.close(dir_fd)
     except OSError as error:
