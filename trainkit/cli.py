@@ -143,6 +143,24 @@ def _options(
         os.environ["TRAINKIT_DEBUG"] = "1"
 
 
+def _trust_code_option():
+    return typer.Option(
+        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
+    )
+
+
+def _state_dict_config_option():
+    return typer.Option(
+        None,
+        "--config",
+        help="For a plain state dict (.pt/.pth/.safetensors): the model, data and preprocessing.",
+    )
+
+
+def _device_option():
+    return typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
 def _train_words(words: list[str], resume: bool) -> tuple[str | None, str | None]:
     """train's words that are not overrides → (CONFIG, RUN_DIR or CHECKPOINT to resume)."""
     if not resume:
@@ -176,9 +194,7 @@ def train(
     nproc: int | None = typer.Option(
         None, "--nproc", min=1, help="Start N DDP processes on this machine (torch.distributed.run)."
     ),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
-    ),
+    trust_code: bool = _trust_code_option(),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.csv and TensorBoard logs."""
     overrides = [a for a in args or [] if _is_override(a)]
@@ -221,15 +237,9 @@ def evaluate(
         None, "--split", help="test | val | train; default: test, or val when the data has no test split"
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    config_path: str | None = typer.Option(
-        None,
-        "--config",
-        help="For a plain state dict (.pt/.pth/.safetensors): the model, data and preprocessing.",
-    ),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
-    ),
+    device: str = _device_option(),
+    config_path: str | None = _state_dict_config_option(),
+    trust_code: bool = _trust_code_option(),
     save: str | None = typer.Option(
         None,
         "--save",
@@ -261,15 +271,9 @@ def predict(
     ),
     topk: int = typer.Option(1, "--topk", "-k", min=1, help="Classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    config_path: str | None = typer.Option(
-        None,
-        "--config",
-        help="For a plain state dict (.pt/.pth/.safetensors): the model, data and preprocessing.",
-    ),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
-    ),
+    device: str = _device_option(),
+    config_path: str | None = _state_dict_config_option(),
+    trust_code: bool = _trust_code_option(),
     out: str | None = typer.Option(
         None, "--out", metavar="FILE", help="Write the predictions to FILE.csv or FILE.jsonl instead."
     ),
@@ -390,9 +394,7 @@ def config(
     args: list[str] = typer.Argument(
         ..., metavar="CONFIG [KEY=VALUE]...", help="YAML config, then overrides."
     ),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="Allow importing the model's own code (model.name 'module:Class')."
-    ),
+    trust_code: bool = _trust_code_option(),
 ) -> None:
     """Print the fully resolved config (defaults included) as YAML."""
     config_path, overrides, others = _split_args(args)
