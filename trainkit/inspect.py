@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.errors import TrainkitError
-from trainkit.text import output_dir, printable, write_file
+from trainkit.text import output_dir, printable, size_text, write_file
 
 INSPECT_CACHE_FORMAT = 1
 SPLIT_NAMES = ("train", "val", "test")
@@ -350,10 +350,6 @@ def run_inspect(target: str, as_json: bool, strict: bool, save: str | None, work
     return 0
 
 
-def _megabytes(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
-
-
 def print_report(report: dict[str, Any]) -> None:
     say = print
     where = printable(report["root"]) if report["root"] else report["source"]
@@ -399,7 +395,7 @@ def print_report(report: dict[str, Any]) -> None:
     size, channels = report["suggested_image_size"], report["channels"]
     say(
         f"suggested data.image_size: {size} (median short side); tensor path: "
-        f"{_megabytes(report['tensor_bytes'])} as uint8 {channels}x{size}x{size} "
+        f"{size_text(report['tensor_bytes'])} as uint8 {channels}x{size}x{size} "
         "(data.cache_memory_gb is 4 by default)"
     )
     if report.get("saved"):

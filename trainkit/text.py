@@ -58,6 +58,14 @@ def to_json(value: Any, **options: Any) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False, **options)
 
 
+def size_text(nbytes: float) -> str:
+    """A byte count for people: `1.2 GB`, `4.3 kB`, `512 B` (decimal units, as disks are sold)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def plot_text(text: object, limit: int = 40) -> str:
     """A name for a matplotlib label: printable, short, and `$` escaped (no mathtext)."""
     return printable(text, limit).replace("$", r"\$")

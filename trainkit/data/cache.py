@@ -39,6 +39,7 @@ from trainkit.data.preprocess import compute_stats, decode_image
 from trainkit.errors import TrainkitError
 from trainkit.reporting import note, warn
 from trainkit.runtime import is_main_process
+from trainkit.text import escape, size_text, write_file
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -399,8 +400,8 @@ def _save_state(state: dict, path: Path, settings: CacheSettings, announce: bool
 
     if nbytes > settings.max_bytes:
         warn(
-            f"not caching the decoded images ({_size(nbytes)}): over data.cache_max_gb "
-            f"({_size(settings.max_bytes)}); they will be decoded again next run"
+            f"not caching the decoded images ({size_text(nbytes)}): over data.cache_max_gb "
+            f"({size_text(settings.max_bytes)}); they will be decoded again next run"
         )
         return
     evicted = _evict(path.parent, settings.max_bytes - nbytes, keep=path)
@@ -414,8 +415,8 @@ def _save_state(state: dict, path: Path, settings: CacheSettings, announce: bool
         total = directory_bytes(path.parent)
         gone = f"; removed {evicted} least recently used" if evicted else ""
         note(
-            f"decoded cache written: {path} ({_size(path.stat().st_size)}; the folder holds "
-            f"{_size(total)} of its {_size(settings.max_bytes)} budget{gone}; "
+            f"decoded cache written: {path} ({size_text(path.stat().st_size)}; the folder holds "
+            f"{size_text(total)} of its {size_text(settings.max_bytes)} budget{gone}; "
             "`trainkit cache clean` removes it)"
         )
 
@@ -430,8 +431,6 @@ def _known_places() -> list[str]:
 def _remember(directory: Path) -> None:
     """Note a cache folder outside the user cache (beside a dataset, or data.cache_dir) so that
     `trainkit cache list` finds it without being told where (best effort, never fatal)."""
-    import tempfile
-
     place = os.path.realpath(directory)
     base = user_cache_base()
     if place.startswith(str(base) + os.sep):
@@ -441,10 +440,7 @@ def _remember(directory: Path) -> None:
         if place in places:
             return
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, name = tempfile.mkstemp(dir=base, prefix=f".{KNOWN_PLACES}.tmp-")
-        with os.fdopen(fd, "w") as handle:
-            handle.write("".join(f"{p}\n" for p in [*places, place]))
-        os.replace(name, base / KNOWN_PLACES)
+        write_file(base / KNOWN_PLACES, "".join(f"{p}\n" for p in [*places, place]))
     except OSError:
         pass
 
@@ -473,13 +469,6 @@ def _evict(directory: Path, budget: float, keep: Path) -> int:
             victim.unlink()
             removed += 1
     return removed
-
-
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 # --------------------------------------------------------------------------- trainkit cache
@@ -546,33 +535,27 @@ def remove_cache_directory(entry: CacheDirectory) -> int:
     return freed
 
 
-def _shown(path) -> str:
-    """A path for a text line: tabs, newlines and terminal escapes written as escapes."""
-    text = str(path)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def run_cache(action: str, root: str | None) -> int:
     """`trainkit cache list|clean [ROOT]`."""
     if root is not None and not Path(root).is_dir():
         raise TrainkitError(f"{root}: not a directory")
     entries = find_cache_directories(root)
     if not entries:
-        print(f"no trainkit cache for {_shown(root)}" if root else "no trainkit caches known")
+        print(f"no trainkit cache for {escape(root)}" if root else "no trainkit caches known")
         return 0
     if action == "list":
         for entry in entries:
             used = (
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)) if entry.last_used else "-"
             )
-            of = f"  ({_shown(entry.root)})" if entry.root and entry.root != str(entry.path) else ""
-            size = _size(entry.nbytes)
-            print(f"{size:>9}  {entry.files:3d} files  last used {used}  {_shown(entry.path)}{of}")
-        print(f"{_size(sum(e.nbytes for e in entries)):>9}  in all")
+            of = f"  ({escape(entry.root)})" if entry.root and entry.root != str(entry.path) else ""
+            size = size_text(entry.nbytes)
+            print(f"{size:>9}  {entry.files:3d} files  last used {used}  {escape(entry.path)}{of}")
+        print(f"{size_text(sum(e.nbytes for e in entries)):>9}  in all")
         return 0
     freed = 0
     for entry in entries:
         freed += remove_cache_directory(entry)
-        print(f"removed {_shown(entry.path)}")
-    print(f"freed {_size(freed)}")
+        print(f"removed {escape(entry.path)}")
+    print(f"freed {size_text(freed)}")
     return 0
