@@ -65,11 +65,11 @@ def _examine_many(paths: list[str]) -> list[tuple[str, int, int, str, str]]:
 
 def _folder_splits(root: Path) -> dict[str, dict[str, list[tuple[str, int, int]]]]:
     """{split: {class: [(path, size, mtime_ns)]}} for root/<split>/<class>/… or root/<class>/…"""
+    from trainkit.data.datasets import class_folders
     from trainkit.data.preprocess import image_files
 
     def classes_of(folder: Path) -> dict[str, list[tuple[str, int, int]]]:
-        names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        return {name: image_files(str(folder / name)) for name in names}
+        return {name: image_files(str(folder / name)) for name in class_folders(folder)}
 
     present = [name for name in SPLIT_NAMES if (root / name).is_dir()]
     if present:

@@ -300,7 +300,8 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
 MAX_NATIVE_SIDE = 512  # with image_size unset, larger images need it set
 
 
-def _class_folders(folder: Path) -> list[str]:
+def class_folders(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder level, sorted; hidden folders (.git, .cache) are not classes."""
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
@@ -308,7 +309,7 @@ def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[FileList, lis
     """Files of <folder>/<class>/…; classes from the folder names unless given (val/test
     take train's). A class folder without images is refused in train (it would become a
     class the model can never learn) and named in a warning elsewhere."""
-    found = _class_folders(folder)
+    found = class_folders(folder)
     if not (classes or found):
         raise TrainkitError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
     index = {name: i for i, name in enumerate(classes or found)}
@@ -404,7 +405,7 @@ def _imagefolder(data: DataConfig, split: str | None = None, classes: list[str] 
         )
     train_dir = root / "train"
     if not train_dir.is_dir():
-        found = _class_folders(root)
+        found = class_folders(root)
         if found and not {"val", "test"} & set(found) and _has_images_below(root, found):
             note(
                 f"imagefolder: no train/ under {root}; using its {len(found)} class folders "
