@@ -225,13 +225,14 @@ def use_memory_checked(data_cfg, part, preprocess) -> bool:
 def score_split(
     model,
     part,
-    in_memory,
+    *,
+    in_memory: bool,
     preprocess,
     loss_fn,
-    classes,
-    batch_size,
+    classes: list[str],
+    batch_size: int,
     device,
-    num_workers,
+    num_workers: int,
     precision: str = "32",
 ) -> tuple[dict[str, Any], Any]:
     """Evaluate `model` on one split → (summary, the split) — shared by eval and training's end."""
@@ -308,13 +309,13 @@ def run_eval(
     metrics, part = score_split(
         model,
         part,
-        in_memory,
-        preprocess,
-        loss_fn,
-        classes,
-        config.data.eval_batch_size,
-        target,
-        config.data.num_workers,
+        in_memory=in_memory,
+        preprocess=preprocess,
+        loss_fn=loss_fn,
+        classes=classes,
+        batch_size=config.data.eval_batch_size,
+        device=target,
+        num_workers=config.data.num_workers,
     )
     metrics.update(split=split, checkpoint=str(checkpoint), dataset=config.data.name)
     if save:

@@ -227,13 +227,13 @@ class RunInsight(Callback):
             metrics, part = score_split(
                 model,
                 part,
-                memory,
-                preprocess,
-                trainer.loss_fn,
-                self.classes,
-                data_cfg.eval_batch_size,
-                device,
-                data_cfg.num_workers,
+                in_memory=memory,
+                preprocess=preprocess,
+                loss_fn=trainer.loss_fn,
+                classes=self.classes,
+                batch_size=data_cfg.eval_batch_size,
+                device=device,
+                num_workers=data_cfg.num_workers,
             )
             metrics.update(split=split, checkpoint=str(best), dataset=data_cfg.name)
             save_eval(metrics, self.run_dir, part, self.log.plots)
