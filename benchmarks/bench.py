@@ -1,15 +1,19 @@
-"""Side-by-side training benchmark: trainkit vs the tutorial loop vs Lightning vs the compute limit.
+"""Side-by-side training benchmark: trainkit vs the tutorial loop vs Lightning vs the compute limits.
 
     python benchmarks/bench.py                         # synthetic CIFAR-shaped data (offline)
     python benchmarks/bench.py --data /path/cifar10    # an ImageFolder tree (train/ and test/)
+    python benchmarks/bench.py --model resnet18 --only trainkit compute_limit gather_limit
 
-All contestants train LeNet on the same images in one run, each in its own process (so peak
-memory is its own): (a) `trainkit train` with configs/cifar10.yaml, (b) the classic tutorial
-loop (batch 4, per-image PIL ToTensor + Normalize, DataLoader with 2 workers, SGD lr 0.001
-momentum 0.9), (c) PyTorch Lightning's Trainer with the same per-image DataLoader pipeline at
---batch-size, (d) the compute limit: the same train step on one in-memory batch. With --data it
-also measures time to --target test accuracy and the decoded cache's start-up gain, and it always
-times CLI start-up. Lightning comes from the `bench` extra: pip install -e ".[bench]".
+All contestants train the same model (--model: LeNet by default) on the same images in one run,
+each in its own process (so peak memory is its own): (a) `trainkit train` with
+configs/cifar10.yaml, (b) the classic tutorial loop (batch 4, per-image PIL ToTensor + Normalize,
+DataLoader with 2 workers, SGD lr 0.001 momentum 0.9), (c) PyTorch Lightning's Trainer with the
+same per-image DataLoader pipeline at --batch-size, (d) the compute limit: the same train step on
+one in-memory, preprocessed batch, (e) the gather limit: that step plus the cheapest possible
+gather of a random batch from a uint8 (N, C, H, W) tensor and its conversion to a normalised
+float batch, which any loop over in-memory data must pay. With --data it also measures time to
+--target test accuracy and the decoded cache's start-up gain, and it always times CLI start-up.
+Lightning comes from the `bench` extra: pip install -e ".[bench]".
 """
 
 from __future__ import annotations
@@ -34,10 +38,40 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the tutorial's normalization
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def lenet():
+# --model: the registry name, the image shape it is benchmarked at, and the trainkit overrides
+# that make `trainkit train configs/cifar10.yaml` train that model on that shape.
+MODELS = {
+    "lenet": {"name": "lenet", "channels": 3, "size": 32, "overrides": []},
+    # 32 px picks the small AlexNet form (3x3 convs) by itself
+    "alexnet": {"name": "alexnet", "channels": 3, "size": 32, "overrides": []},
+    # MNIST-size, without augmentation as configs/mnist_mlp.yaml
+    "mlp": {
+        "name": "mlp",
+        "channels": 1,
+        "size": 28,
+        "overrides": ["data.augment.crop_padding=0", "data.augment.hflip=false"],
+    },
+    "resnet18": {"name": "torchvision.resnet18", "channels": 3, "size": 64, "overrides": []},
+}
+
+
+def build_bench_model(args):
     from trainkit.models import build_model
 
-    return build_model({"name": "lenet", "num_classes": 10, "in_channels": 3, "input_size": 32})
+    model = MODELS[args.model]
+    return build_model(
+        {
+            "name": model["name"],
+            "num_classes": 10,
+            "in_channels": model["channels"],
+            "input_size": model["size"],
+        }
+    )
+
+
+def normalization(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    channels = MODELS[args.model]["channels"]
+    return MEAN[:channels], STD[:channels]
 
 
 def peak_memory_mb() -> dict:
@@ -58,7 +92,8 @@ class ArrayImages:
     def __getitem__(self, index):
         from PIL import Image
 
-        image = Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+        pixels = self.images[index].permute(1, 2, 0).numpy()  # (H, W, C)
+        image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         return self.transform(image), int(self.labels[index])
 
 
@@ -66,7 +101,10 @@ def per_image_datasets(args):
     """(train, test) datasets with the tutorial's per-image pipeline."""
     import torchvision.transforms as T
 
-    transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    model = MODELS[args.model]
+    steps = [T.Grayscale()] if model["channels"] == 1 else []
+    steps += [T.Resize((model["size"], model["size"]))] if model["size"] != 32 else []
+    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(*normalization(args))])
     if args.data:
         from torchvision.datasets import ImageFolder
 
@@ -76,8 +114,9 @@ def per_image_datasets(args):
         )
     from trainkit.data.synthetic import make_synthetic
 
-    train = make_synthetic(args.synthetic_size, "train", 32, 3)
-    test = make_synthetic(2000, "test", 32, 3)
+    train = make_synthetic(args.synthetic_size, "train", model["size"], model["channels"])
+    test = make_synthetic(2000, "test", model["size"], model["channels"])
+    transform = T.Compose([T.ToTensor(), T.Normalize(*normalization(args))])  # already sized
     return ArrayImages(*train, transform), ArrayImages(*test, transform)
 
 
@@ -105,7 +144,7 @@ def run_tutorial(args) -> dict:
 
     torch.manual_seed(0)
     train, test = per_image_datasets(args)
-    model = lenet().to(args.device)
+    model = build_bench_model(args).to(args.device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     loader = DataLoader(train, batch_size=4, shuffle=True, num_workers=2)
@@ -149,7 +188,7 @@ def run_lightning(args) -> dict:
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = lenet()
+            self.model = build_bench_model(args)
 
         def training_step(self, batch, _):
             x, y = batch
@@ -189,11 +228,59 @@ def run_lightning(args) -> dict:
     return {"images_per_s": clock.seen / (time.perf_counter() - clock.start)}
 
 
+def run_gather_limit(args) -> dict:
+    """The compute limit's step plus the cheapest possible data path: each step gathers a
+    random batch (one shuffle per epoch) from the whole split as a uint8 (N, C, H, W) tensor
+    with index_select, then converts it to float and normalises it, with no augmentation.
+    Throughput does not depend on pixel values, so with --data the tensor is the synthetic
+    task at the data's size (CIFAR-10: 50,000 images)."""
+    import torch
+
+    from trainkit.data.synthetic import make_synthetic
+
+    torch.manual_seed(0)
+    shape = MODELS[args.model]
+    size = 50_000 if args.data else args.synthetic_size
+    images, labels = make_synthetic(size, "train", shape["size"], shape["channels"])
+    images, labels = images.to(args.device), labels.to(args.device)  # (N, C, H, W) uint8, (N,)
+    mean, std = normalization(args)
+    shift = torch.tensor(mean, device=args.device).view(1, -1, 1, 1) * 255
+    scale = 1 / (torch.tensor(std, device=args.device).view(1, -1, 1, 1) * 255)
+    model = build_bench_model(args).to(args.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    batches = size // args.batch_size
+
+    def batches_forever():
+        while True:
+            order = torch.randperm(size, device=args.device)
+            for i in range(batches):
+                yield order[i * args.batch_size : (i + 1) * args.batch_size]
+
+    def step(index):
+        x = images.index_select(0, index).float().sub_(shift).mul_(scale)  # (B, C, H, W)
+        loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, index))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    indices = batches_forever()
+    for _ in range(20):
+        step(next(indices))
+    sync()
+    steps, began = 0, time.perf_counter()
+    while time.perf_counter() - began < args.seconds:
+        step(next(indices))
+        steps += 1
+    sync()
+    return {"images_per_s": steps * args.batch_size / (time.perf_counter() - began)}
+
+
 def run_compute_limit(args) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model = lenet().to(args.device)
+    model = build_bench_model(args).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     train, _ = per_image_datasets(args)  # one real batch of the same images, preprocessed
     pairs = [train[i] for i in range(args.batch_size)]
@@ -229,14 +316,21 @@ def trainkit_command(args, out_dir: Path, extra: list[str]) -> list[str]:
         "log.tensorboard=false",
         f"data.batch_size={args.batch_size}",
         f"train.device={args.device}",
+        f"model.name={MODELS[args.model]['name']}",
+        *MODELS[args.model]["overrides"],
     ]
     if args.data:
         command += ["data.name=imagefolder", f"data.root={args.data}"]
+        if args.model != "lenet":  # the model's shape, as the other contestants resize
+            model = MODELS[args.model]
+            command += [f"data.image_size={model['size']}", f"data.channels={model['channels']}"]
     else:
         command += [
             "data.name=synthetic",
             f"data.synthetic.train_size={args.synthetic_size}",
             "data.synthetic.test_size=2000",
+            f"data.synthetic.image_size={MODELS[args.model]['size']}",
+            f"data.synthetic.channels={MODELS[args.model]['channels']}",
         ]
     return command + extra + args.trainkit_args.split()
 
@@ -272,6 +366,7 @@ CONTESTANTS = {
     "tutorial": run_tutorial,
     "lightning": run_lightning,
     "compute_limit": run_compute_limit,
+    "gather_limit": run_gather_limit,
 }
 
 
@@ -373,6 +468,9 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="ImageFolder root with train/ and test/ (default: synthetic)")
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="lenet", help="the model every contestant trains"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20, help="throughput window per contestant")
     parser.add_argument("--target", type=float, default=0.54, help="test accuracy for time-to-target")
@@ -385,6 +483,7 @@ def main() -> None:
     parser.add_argument("--synthetic-size", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", nargs="*", choices=list(CONTESTANTS), default=list(CONTESTANTS))
+    parser.add_argument("--no-startup", action="store_true", help="skip the CLI start-up and cache timings")
     parser.add_argument("--worker", choices=list(CONTESTANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -397,6 +496,8 @@ def main() -> None:
             __file__,
             "--worker",
             name,
+            "--model",
+            args.model,
             "--batch-size",
             str(args.batch_size),
             "--seconds",
@@ -425,9 +526,11 @@ def main() -> None:
         results[name] = json.loads(line[len("RESULT ") :])
 
     print(
-        f"\nLeNet, batch {args.batch_size} (tutorial: batch 4), device {args.device}, "
+        f"\n{MODELS[args.model]['name']} at {MODELS[args.model]['channels']}x{MODELS[args.model]['size']}"
+        f"x{MODELS[args.model]['size']}, batch {args.batch_size} (tutorial: batch 4), device {args.device}, "
         f"{args.threads} threads, "
-        f"data: {args.data or f'synthetic {args.synthetic_size} images 3x32x32'}\n"
+        f"data: {args.data or f'synthetic {args.synthetic_size} images'}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
     )
     print(f"{'contestant':<15}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
     for name, r in results.items():
@@ -438,7 +541,7 @@ def main() -> None:
     if "trainkit" in results:
         ours = results["trainkit"]["images_per_s"]
         print()
-        for other in ("tutorial", "lightning", "compute_limit"):
+        for other in ("tutorial", "lightning", "compute_limit", "gather_limit"):
             if other in results:
                 print(f"trainkit / {other:<14} {ours / results[other]['images_per_s']:6.2f} x")
         if "seconds_to_target" in results["trainkit"] and "tutorial" in results:
@@ -448,6 +551,11 @@ def main() -> None:
                     f"time to {100 * args.target:.0f}%: trainkit / tutorial "
                     f"{results['trainkit']['seconds_to_target'] / tutorial:6.3f}"
                 )
+        if "gather_limit" in results and "compute_limit" in results:
+            gather = results["gather_limit"]["images_per_s"] / results["compute_limit"]["images_per_s"]
+            print(f"gather_limit / compute_limit {gather:6.2f} x (what any in-memory loop pays for its data)")
+        if args.no_startup:
+            return
         startup = startup_figures(results["trainkit"]["checkpoint"])
         print(
             f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "

@@ -449,3 +449,25 @@ def test_messages_blame_the_right_thing(cli, run_dir, best, tmp_path):
     result = cli("eval", tmp_path / "photo.jpg")
     assert result.exit_code == 1, result
     assert result.stderr == f"error: {tmp_path / 'photo.jpg'}: not a torch checkpoint (a JPEG image)\n"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="planting another user's link needs root (lchown)")
+def test_saves_never_pass_through_another_users_link(cli, tmp_path):
+    """`eval --save shared/link/sub` created `sub` inside the link's target: a link planted by
+    another user on the way is refused before anything is created; one's own links are followed."""
+    assert cli("train", write_config(tmp_path)).exit_code == 0
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "best.pt"
+    target, shared = tmp_path / "victim", tmp_path / "shared"
+    target.mkdir()
+    shared.mkdir()
+    (shared / "link").symlink_to(target)
+    os.lchown(shared / "link", 4242, 4242)
+    result = cli("eval", checkpoint, "--save", shared / "link" / "sub")
+    assert result.exit_code == 1 and "symbolic link of another user" in result.stderr, result
+    assert list(target.iterdir()) == []
+    report = cli("report", tmp_path / "runs" / "tiny", "-o", shared / "link" / "r.html")
+    assert report.exit_code != 0 and list(target.iterdir()) == [], report
+    own = tmp_path / "mine"
+    own.symlink_to(target)  # the user's own link: followed
+    assert cli("eval", checkpoint, "--save", own / "sub").exit_code == 0
+    assert (target / "sub" / "eval.json").is_file()

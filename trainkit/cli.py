@@ -32,7 +32,9 @@ def _one_line(error: BaseException) -> str:
     from trainkit.text import escape
 
     message = str(error).strip()
-    if not hasattr(error, "exit_code"):
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.filename}: {error.strerror}"  # e.g. '…: refusing to write through a …'
+    elif not hasattr(error, "exit_code"):
         first = next((line.strip() for line in message.splitlines() if line.strip()), "")
         message = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return escape(message) if message else type(error).__name__

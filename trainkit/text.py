@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +80,38 @@ def write_file(path: Path, data: bytes | str) -> None:
     from trainkit.checkpoint import atomic_write
 
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    refuse_links_on_the_way(Path(path).parent)
     atomic_write(Path(path), lambda handle: handle.write(payload))
 
 
+def refuse_links_on_the_way(path: Path) -> None:
+    """Refuse a folder path that passes through a symbolic link someone else planted: with
+    `--save /shared/link/sub`, `sub` would be created inside the link's target. Links owned by
+    the user or by root (a `runs -> /mnt/big/runs` of one's own, macOS /tmp -> /private/tmp)
+    are followed; a link owned by another user is refused before anything is created."""
+    from trainkit.errors import TrainkitError
+
+    current = Path(path).absolute()
+    for part in [*reversed(current.parents), current]:
+        try:
+            info = os.lstat(part)
+        except FileNotFoundError:
+            return  # the rest does not exist yet: trainkit creates it
+        except OSError:
+            continue
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, os.getuid()):
+            raise TrainkitError(
+                f"{printable(str(part))} is a symbolic link of another user; refusing to write through it"
+            )
+
+
 def output_dir(path: str | Path) -> Path:
-    """Create a folder for artefacts (parents too); one-line error when that is impossible."""
+    """Create a folder for artefacts (parents too), never through a symbolic link; one-line
+    error when that is impossible."""
     from trainkit.errors import TrainkitError
 
     path = Path(path)
+    refuse_links_on_the_way(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
