@@ -441,7 +441,7 @@ def _remember(directory: Path) -> None:
             return
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_file(base / KNOWN_PLACES, "".join(f"{p}\n" for p in [*places, place]))
-    except OSError:
+    except (OSError, TrainkitError):  # write_file refuses another user's link: still never fatal
         pass
 
 
