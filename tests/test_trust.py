@@ -359,8 +359,10 @@ def test_debug_keeps_exit_codes(cli, tmp_path, monkeypatch, how):
         monkeypatch.setenv("TRAINKIT_DEBUG", "1")
         result = cli("config", write_config(tmp_path), "optim.lr=.inf")
     else:
+        # the flag sets TRAINKIT_DEBUG for this process: recorded as unset first, so teardown
+        # removes it (a delenv after the call would record "1" and restore it for later tests)
+        monkeypatch.setenv("TRAINKIT_DEBUG", "0")
         result = cli("--debug", "config", write_config(tmp_path), "optim.lr=.inf")
-        monkeypatch.delenv("TRAINKIT_DEBUG", raising=False)  # the flag sets it for this process
     assert result.exit_code == 2 and "Traceback" in result.stderr, result
 
 
