@@ -99,7 +99,7 @@ def _open_directory(directory: Path) -> int:
         return os.open(directory, _DIR_FLAGS | _CLOEXEC)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(directory):
-            raise _link_refused(directory) from None
+            raise _link_refused(directory) from error
         raise
 
 
@@ -181,7 +181,7 @@ def open_append(path: str | Path) -> IO[str]:
             fd = os.open(path.name, flags, 0o666, dir_fd=dir_fd)
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise _link_refused(path) from None
+                raise _link_refused(path) from error
             raise
     finally:
         os.close(dir_fd)
@@ -291,7 +291,7 @@ def _check_archive(path: Path, size_on_disk: int) -> None:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise TrainkitError(f"{path}: cannot load checkpoint: corrupt zip archive ({error})") from None
+        raise TrainkitError(f"{path}: cannot load checkpoint: corrupt zip archive ({error})") from error
     names = [entry.filename for entry in entries]
     if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
         raise TrainkitError(f"{path}: a TorchScript archive, refused (it can run code)")
@@ -349,10 +349,10 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
     path = Path(path)
     try:
         info = path.stat()
-    except FileNotFoundError:
-        raise TrainkitError(f"checkpoint not found: {path}") from None
+    except FileNotFoundError as error:
+        raise TrainkitError(f"checkpoint not found: {path}") from error
     except OSError as error:
-        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from None
+        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from error
     if not stat.S_ISREG(info.st_mode):
         raise TrainkitError(f"{path}: not a regular file")
     if info.st_size == 0:
@@ -361,7 +361,7 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError as error:
-        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from None
+        raise TrainkitError(f"{path}: cannot read ({error.strerror or error})") from error
     if head.startswith(b"PK\x03\x04"):
         _check_archive(path, info.st_size)
     elif not head.startswith(b"\x80"):  # the legacy format is a pickle stream: protocol opcode
@@ -374,8 +374,8 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for hostile or broken files
         if "global" in str(error).lower() and _pickles_a_module(path):
-            raise TrainkitError(f"{path}: {WHOLE_MODEL_HINT}") from None
-        raise TrainkitError(f"{path}: cannot load checkpoint: {_describe_unpickling_error(error)}") from None
+            raise TrainkitError(f"{path}: {WHOLE_MODEL_HINT}") from error
+        raise TrainkitError(f"{path}: cannot load checkpoint: {_describe_unpickling_error(error)}") from error
 
 
 def _positive_int(value: Any, limit: int) -> bool:
@@ -494,7 +494,7 @@ def build_model_from_checkpoint(
         with torch.device("meta"):
             skeleton = build_model(dict(spec), trust_code)
     except (ConfigError, RuntimeError) as error:
-        raise TrainkitError(f"{path}: cannot build its model: {error}") from None
+        raise TrainkitError(f"{path}: cannot build its model: {error}") from error
     expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     weights = state["model"]
     missing = [key for key in expected if key not in weights]
@@ -516,7 +516,7 @@ def build_model_from_checkpoint(
         model.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[-1].strip()
-        raise TrainkitError(f"{path}: weights do not fit the model: {first}") from None
+        raise TrainkitError(f"{path}: weights do not fit the model: {first}") from error
     return model
 
 

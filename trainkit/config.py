@@ -391,7 +391,7 @@ def parse_yaml(text: str, source: str) -> Any:
         finally:
             loader.dispose()
     except yaml.YAMLError as error:
-        raise ConfigError(source, _yaml_error_line(error)) from None
+        raise ConfigError(source, _yaml_error_line(error)) from error
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -497,7 +497,7 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation_error(error) from None
+        raise _format_validation_error(error) from error
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -510,10 +510,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(str(path), f"larger than {MAX_CONFIG_BYTES // 1024} KiB; not a config")
         text = data.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError("config", f"file not found: {path}") from None
+    except FileNotFoundError as error:
+        raise ConfigError("config", f"file not found: {path}") from error
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError("config", f"cannot read {path}: {error}") from None
+        raise ConfigError("config", f"cannot read {path}: {error}") from error
     raw = parse_yaml(text, str(path))
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(str(path), "expected a mapping of sections at the top level")

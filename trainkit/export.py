@@ -116,7 +116,7 @@ def check_metadata(meta: Any, where: str, num_outputs: int | None = None) -> dic
     try:
         preprocess = Preprocess.from_dict(raw)
     except (TypeError, KeyError, ValueError) as error:
-        raise _fail(where, f"metadata 'preprocess' is malformed ({type(error).__name__})") from None
+        raise _fail(where, f"metadata 'preprocess' is malformed ({type(error).__name__})") from error
     if preprocess.channels not in (1, 3) or not 1 <= preprocess.image_size <= MAX_IMAGE_SIZE:
         raise _fail(where, "metadata 'preprocess' has channels outside 1/3 or an image size out of range")
     stats = (*preprocess.mean, *preprocess.std)
@@ -194,7 +194,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     try:
         atomic_write(path, lambda handle: handle.write(data))
     except OSError as error:
-        raise TrainkitError(f"could not write {path}: {error.strerror or error}") from None
+        raise TrainkitError(f"could not write {path}: {error.strerror or error}") from error
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, Any], opset: int) -> bytes:
@@ -291,12 +291,12 @@ def read_safetensors_bundle(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise _fail(str(sidecar), f"not JSON ({type(error).__name__})") from None
+        raise _fail(str(sidecar), f"not JSON ({type(error).__name__})") from error
     meta = check_metadata(meta, str(sidecar))
     try:
         weights = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        raise _fail(str(path), f"cannot read safetensors ({str(error).splitlines()[0][:200]})") from None
+        raise _fail(str(path), f"cannot read safetensors ({str(error).splitlines()[0][:200]})") from error
     return weights, meta
 
 
@@ -309,7 +309,7 @@ def build_model_from_bundle(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise _fail(str(path), f"weights do not fit the model: {str(error).splitlines()[0]}") from None
+        raise _fail(str(path), f"weights do not fit the model: {str(error).splitlines()[0]}") from error
     return model.eval(), meta
 
 
@@ -340,7 +340,7 @@ def read_onnx_model(path: str | Path) -> tuple[bytes, dict[str, Any]]:
     try:
         proto = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as error:
-        raise _fail(str(path), f"not an ONNX model ({type(error).__name__})") from None
+        raise _fail(str(path), f"not an ONNX model ({type(error).__name__})") from error
     graph = proto.graph
     from onnx.external_data_helper import _get_all_tensors  # initializers, attributes, subgraphs
 
@@ -353,8 +353,8 @@ def read_onnx_model(path: str | Path) -> tuple[bytes, dict[str, Any]]:
         props[entry.key] = entry.value
     try:
         raw = {key: json.loads(props[key]) for key in onnx_metadata_props_keys() if key in props}
-    except (ValueError, RecursionError):
-        raise _fail(str(path), "metadata is not JSON") from None
+    except (ValueError, RecursionError) as error:
+        raise _fail(str(path), "metadata is not JSON") from error
     if "trainkit_export" not in raw:
         raise _fail(str(path), "no trainkit metadata in the ONNX file (export it with `trainkit export`)")
     meta = {
@@ -420,7 +420,7 @@ def onnx_classifier(path: str | Path, threads: int | None = None) -> Classifier:
     try:
         session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise _fail(str(path), f"onnxruntime cannot load it ({str(error).splitlines()[0][:200]})") from None
+        raise _fail(str(path), f"onnxruntime cannot load it ({str(error).splitlines()[0][:200]})") from error
     preprocess = Preprocess.from_dict(meta["preprocess"])
     classes = meta["classes"]
     uint8_input = meta["input_dtype"] == "uint8"
@@ -459,8 +459,8 @@ def load_exported(fmt: str, path: Path) -> Classifier:
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         try:
             raw = json.loads(extra["trainkit.json"])
-        except ValueError:
-            raise _fail(str(path), "no trainkit metadata in the TorchScript archive") from None
+        except ValueError as error:
+            raise _fail(str(path), "no trainkit metadata in the TorchScript archive") from error
         meta = check_metadata(raw, str(path))
         preprocess = Preprocess.from_dict(meta["preprocess"])
         return torch_classifier(module.eval(), preprocess, meta["classes"], meta["input_dtype"] == "uint8")

@@ -78,7 +78,9 @@ class Sorter:
             self.root.mkdir(parents=True, exist_ok=True)
             self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as error:
-            raise TrainkitError(f"--sort-into: cannot use {printable(directory)}: {error.strerror}") from None
+            raise TrainkitError(
+                f"--sort-into: cannot use {printable(directory)}: {error.strerror}"
+            ) from error
         self.copy = copy
         self.label_fds: dict[str, int] = {}
         self.counts: dict[str, int] = {}
@@ -97,7 +99,7 @@ class Sorter:
                 where = printable(self.root / component)
                 raise TrainkitError(
                     f"--sort-into: {where} is not a plain folder ({error.strerror})"
-                ) from None
+                ) from error
             self.label_fds[component] = fd
         return self.label_fds[component]
 

@@ -48,7 +48,7 @@ def _read_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TrainkitError(f"{printable(path)}: not readable JSON ({error})") from None
+        raise TrainkitError(f"{printable(path)}: not readable JSON ({error})") from error
     return value if isinstance(value, dict) else None
 
 

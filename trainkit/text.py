@@ -115,7 +115,7 @@ def output_dir(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TrainkitError(f"cannot create {path}: {error.strerror or error}") from None
+        raise TrainkitError(f"cannot create {path}: {error.strerror or error}") from error
     if not path.is_dir():
         raise TrainkitError(f"{path}: not a folder")
     return path

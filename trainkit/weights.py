@@ -65,7 +65,7 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise TrainkitError(f"{path}: corrupt or not a safetensors file ({reason})") from None
+            raise TrainkitError(f"{path}: corrupt or not a safetensors file ({reason})") from error
     else:
         state = torch_load(path, "cpu")
         if isinstance(state, dict) and "format_version" in state and isinstance(state.get("model"), dict):
@@ -208,7 +208,7 @@ def fetch_weights(weights) -> Path:
         raise TrainkitError(
             f"model.weights: cannot download {weights.url} ({reason}); offline, put {path.name} "
             f"in {path.parent} (TORCH_HOME sets where)"
-        ) from None
+        ) from error
     return path
 
 
@@ -249,12 +249,12 @@ def apply_init(
         try:
             state = read_state_file(path)
         except TrainkitError as error:
-            raise TrainkitError(f"model.weights: {error}; delete it to download again") from None
+            raise TrainkitError(f"model.weights: {error}; delete it to download again") from error
         head = head_parameter_names(target, num_classes)
         try:
             report = load_matching(target, state, head, True, f"{path}", relaxable=False)
         except TrainkitError as error:
-            raise TrainkitError(f"model.weights: {error} (delete it to download again)") from None
+            raise TrainkitError(f"model.weights: {error} (delete it to download again)") from error
         what = f"weights {type(member).__name__}.{member.name}"
     else:
         path = Path(init)

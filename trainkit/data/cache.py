@@ -154,7 +154,7 @@ def cache_lock(directory: Path) -> Iterator[None]:
     except OSError as error:
         if error.errno == errno.ELOOP:
             _refuse_link(path)
-        raise TrainkitError(f"cannot lock the cache {directory}: {error.strerror or error}") from None
+        raise TrainkitError(f"cannot lock the cache {directory}: {error.strerror or error}") from error
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -279,13 +279,13 @@ def _torchvision(name: str) -> Callable[[DataConfig], RawSplits]:
                 if data.download:
                     raise TrainkitError(
                         f"{name}: download failed ({first}); without network, put the files in {where}"
-                    ) from None
+                    ) from error
                 if "not found" in str(error).lower():
                     raise TrainkitError(
                         f"{name} not found under {data.root}: put the files in {where} "
                         "or set data.download=true"
-                    ) from None
-                raise TrainkitError(f"{name}: {first}") from None
+                    ) from error
+                raise TrainkitError(f"{name}: {first}") from error
             images = torch.as_tensor(ds.data)
             # (N, H, W, 3) for CIFAR, (N, H, W) for MNIST → (N, C, H, W) views
             images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
@@ -359,7 +359,7 @@ def _probe_images(paths: list[str], data: DataConfig) -> tuple[int, int]:
                 modes.add(image.mode)
         except (OSError, ValueError, SyntaxError) as error:  # named by the decode pass later
             if path == sample[0] and len(sample) == 1:
-                raise TrainkitError(f"{path}: cannot read image ({error})") from None
+                raise TrainkitError(f"{path}: cannot read image ({error})") from error
     grey = {"1", "L", "LA", "I", "I;16", "F"}
     channels = 1 if modes and modes <= grey else 3
     if data.image_size or not sizes:
@@ -463,7 +463,7 @@ def _read_csv(data: DataConfig, key: str, classes: list[str] | None) -> tuple[Fi
                     raise TrainkitError(f"{path}:{reader.line_num}: empty {columns[0 if not file else 1]!r}")
                 rows.append((reader.line_num, path.parent / file, label))
     except (UnicodeDecodeError, csv.Error) as error:
-        raise TrainkitError(f"{path}: not a UTF-8 CSV file ({error})") from None
+        raise TrainkitError(f"{path}: not a UTF-8 CSV file ({error})") from error
     if not rows:
         raise TrainkitError(f"{path}: no rows after the header")
     classes = classes or sorted({label for _, _, label in rows})

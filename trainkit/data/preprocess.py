@@ -315,9 +315,9 @@ def open_image(path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise TrainkitError(f"{path}: refused, image too large ({error})") from None
+        raise TrainkitError(f"{path}: refused, image too large ({error})") from error
     except Image.DecompressionBombWarning as error:
-        raise TrainkitError(f"{path}: refused, image too large ({error})") from None
+        raise TrainkitError(f"{path}: refused, image too large ({error})") from error
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise TrainkitError(f"{path}: refused, declares {width}x{height} pixels")
@@ -340,9 +340,9 @@ def decode_image(path, channels: int, image_size: int | None, mode: str = "squas
             tensor = pil_to_uint8(image, channels, image_size)
     except TrainkitError:
         raise
-    except FileNotFoundError:
-        raise TrainkitError(f"{path}: no such file") from None
+    except FileNotFoundError as error:
+        raise TrainkitError(f"{path}: no such file") from error
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
         reason = str(error).split("\n")[0] or type(error).__name__
-        raise TrainkitError(f"{path}: cannot read image ({reason})") from None
+        raise TrainkitError(f"{path}: cannot read image ({reason})") from error
     return fit_image(tensor, image_size, mode) if image_size else tensor

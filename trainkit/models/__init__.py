@@ -128,4 +128,4 @@ def build_model(spec: dict[str, Any], trust_code: bool = False) -> nn.Module:
         named = [key for key in spec if key not in INFERRED and f"'{key}'" in text]
         path = f"model.{named[0]}" if named else "model"
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-        raise ConfigError(path, f"cannot build {name}: {first}") from None
+        raise ConfigError(path, f"cannot build {name}: {first}") from error

@@ -62,7 +62,7 @@ def import_model_class(name: str, trust_code: bool) -> type[nn.Module]:
         first = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
             "model.name", f"importing {where} failed: {type(error).__name__}: {first}"
-        ) from None
+        ) from error
     cls = getattr(module, attribute, None)
     if cls is None:
         raise ConfigError("model.name", f"{where} has no attribute '{attribute}'")
@@ -81,7 +81,7 @@ def _import_module(module_name: str):
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name and module_name.startswith(error.name):
-            raise ConfigError("model.name", f"no module named '{module_name}'") from None
+            raise ConfigError("model.name", f"no module named '{module_name}'") from error
         raise
     finally:
         if added and cwd in sys.path:
