@@ -47,6 +47,20 @@ STEPS = 12
 MOMENTS = {"step_1": 1, "epoch_boundary": 4, "mid_epoch": 6, "last_step": 12}
 
 
+def endless_big_checkpoint_config(tmp_path):
+    """A run that saves a 14 MB checkpoint every 2 steps and never ends by itself: for killing
+    and interrupting it mid-save."""
+    return write_config(
+        tmp_path,
+        {
+            "model": {"hidden_sizes": [1024, 1024]},
+            "train": {"epochs": 10_000},
+            "data": {"synthetic": {"train_size": 64, "test_size": 32}},
+            "log": {"tensorboard": False, "progress": "none"},
+        },
+    )
+
+
 def in_child(args: list, hook=None, kill_when=None, timeout: float = 60) -> tuple[int, str]:
     """Run `trainkit ARGS` in a forked child; → (exit code or -signal, stdout + stderr).
     `kill_when()` is polled while the child runs: once it is true the child gets a SIGKILL."""
@@ -288,15 +302,7 @@ def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
     (a 14 MB checkpoint, 2 steps per epoch): mid-save, or shortly after a save. last.pt always
     loads and is never older than before; temp files of killed saves are gone once the run
     starts again."""
-    config = write_config(
-        tmp_path,
-        {
-            "model": {"hidden_sizes": [1024, 1024]},
-            "train": {"epochs": 10_000},
-            "data": {"synthetic": {"train_size": 64, "test_size": 32}},
-            "log": {"tensorboard": False, "progress": "none"},
-        },
-    )
+    config = endless_big_checkpoint_config(tmp_path)
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
     rng = random.Random(0)
     last_step, mid_save_kills, trials = -1, 0, 0
@@ -456,15 +462,7 @@ def test_ctrl_c_storm_on_the_real_command_exits_130(tmp_path):
     restored Python's handler ended the process by SIGINT (exit -2)."""
     import subprocess
 
-    config = write_config(
-        tmp_path,
-        {
-            "model": {"hidden_sizes": [1024, 1024]},
-            "train": {"epochs": 10_000},
-            "data": {"synthetic": {"train_size": 64, "test_size": 32}},
-            "log": {"tensorboard": False, "progress": "none"},
-        },
-    )
+    config = endless_big_checkpoint_config(tmp_path)
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
     process = subprocess.Popen(
         [sys.executable, "-m", "trainkit", "train", str(config)],
