@@ -270,3 +270,33 @@ def test_readme_documents_every_config_key():
 
     missing = [key for key in keys(Config) if f"`{key}`" not in readme]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("pad", [0, 2, 60])  # 60: past CROP_TABLE_MAX_ENTRIES, the per-batch index
+def test_crop_and_flip_matches_a_reference_for_every_index_path(pad):
+    torch.manual_seed(pad)
+    images = torch.randint(0, 256, (5, 2, 9, 7), dtype=torch.uint8)
+    offsets = torch.randint(0, 2 * pad + 1, (5, 2))
+    flips = torch.tensor([True, False, True, False, True])
+    out = crop_and_flip(images, offsets, flips, pad)
+    padded = torch.nn.functional.pad(images, (pad,) * 4)
+    for i in range(5):
+        dy, dx = offsets[i].tolist()
+        expected = padded[i, :, dy : dy + 9, dx : dx + 7]
+        assert torch.equal(out[i], expected.flip(2) if flips[i] else expected)
+
+
+def test_normalize_is_the_formula_and_leaves_its_input_alone():
+    preprocess = Preprocess(3, 4, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    expected = (images.double() / 255 - mean.double()) / std.double()
+    assert torch.allclose(preprocess.normalize(images).double(), expected, atol=1e-5)
+    floats = images.float() / 255
+    before = floats.clone()
+    with torch.inference_mode():  # constants first made here must still serve training
+        preprocess.normalize(floats, value_range=1.0)
+    out = preprocess.normalize(floats, value_range=1.0)
+    assert torch.equal(floats, before) and not out.is_inference()
+    assert torch.allclose(out.double(), expected, atol=1e-5)
