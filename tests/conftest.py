@@ -26,7 +26,11 @@ TINY = {
     },
     "model": {"name": "mlp", "hidden_sizes": [32]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    "train": {"epochs": 2},
+    # float32 pinned: the equivalence tests (DDP = one process, accumulation = a larger batch,
+    # resume = uninterrupted) compare float32 arithmetic, and `auto` would pick bf16 for the mlp
+    # on CPUs with native bf16 (whose rounding depends on the batch split). `auto` itself:
+    # tests/test_engine.py.
+    "train": {"epochs": 2, "precision": "32"},
     "log": {"progress": "plain", "tensorboard": True, "plots": False},  # drawing: tests/test_insight.py
 }
 

@@ -15,7 +15,7 @@ def test_defaults_come_from_the_schema(tmp_path):
     path.write_text("")
     config = load_config(path)
     assert config == Config()
-    assert config.data.batch_size == 128 and config.train.precision == "32"
+    assert config.data.batch_size == 128 and config.train.precision == "auto"
 
 
 def test_overrides_have_yaml_scalar_semantics(tmp_path):

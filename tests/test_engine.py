@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import last_weights, load, max_weight_difference, write_config
 from PIL import Image
 
@@ -300,3 +302,44 @@ def test_normalize_is_the_formula_and_leaves_its_input_alone():
     out = preprocess.normalize(floats, value_range=1.0)
     assert torch.equal(floats, before) and not out.is_inference()
     assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_name, native_bf16, device, expected",
+    [
+        ("lenet", True, "cpu", ("32", True)),
+        ("mlp", True, "cpu", ("bf16", False)),
+        ("mlp", False, "cpu", ("32", False)),  # emulated bf16 is slower: never chosen
+        ("alexnet", True, "cpu", ("bf16", True)),
+        ("torchvision.resnet18", True, "cpu", ("bf16", False)),
+        ("torchvision.resnet50", True, "cpu", ("32", False)),  # not measured: float32
+        ("mlp", True, "cuda", ("32", False)),  # nothing measured on GPUs yet
+    ],
+)
+def test_auto_speed_options_follow_the_measured_table(monkeypatch, model_name, native_bf16, device, expected):
+    from trainkit import runtime
+    from trainkit.config import TrainConfig
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    auto = TrainConfig()
+    resolved = runtime.resolve_speed_options(auto, model_name, torch.device(device))
+    assert (resolved.precision, resolved.channels_last) == expected
+    assert auto.precision == "auto" and auto.channels_last == "auto"  # the config is not changed
+    chosen = TrainConfig(precision="32", channels_last=False)  # what the user sets is kept
+    assert runtime.resolve_speed_options(chosen, model_name, torch.device(device)) == chosen
+
+
+def test_a_default_run_says_and_records_what_auto_chose(cli, tmp_path, monkeypatch):
+    from trainkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    result = cli("train", write_config(tmp_path), "~train.precision", "train.epochs=1")
+    assert result.exit_code == 0, result
+    assert "bf16 autocast" in result.stdout  # the start line
+    run = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert run["precision"] == "bf16" and run["channels_last"] is False
+    saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "auto"  # the config keeps auto; run.json says what it was
+    lenet = cli("train", write_config(tmp_path), "model.name=lenet", "~model.hidden_sizes", "run.name=le")
+    assert lenet.exit_code == 0, lenet
+    assert json.loads((tmp_path / "runs" / "le" / "run.json").read_text())["channels_last"] is True

@@ -136,6 +136,8 @@ class RunInsight(Callback):
             "started": _now(),
             **environment(placement.device, count),
             **summary,
+            "precision": trainer.cfg.precision,
+            "channels_last": bool(trainer.cfg.channels_last),
         }
         if self.data_seconds is not None:
             self.record["data_seconds"] = round(self.data_seconds, 3)
@@ -143,7 +145,7 @@ class RunInsight(Callback):
         self.console.say(
             f"model: {summary['trainable_parameters']:,} trainable / {summary['parameters']:,} parameters, "
             f"{summary['size_mb']:.2f} MB, {_human(flops) if flops is not None else 'n/a'} FLOPs per image; "
-            f"device: {self.record['device']}"
+            f"device: {self.record['device']}; {speed_text(trainer.cfg)}"
         )
         self._save_record()
         if self.writer is not None:
@@ -275,3 +277,9 @@ def log_evaluation(writer, metrics: dict[str, Any], outputs, classes: list[str],
 def _tag(name: str) -> str:
     """A TensorBoard tag part: printable, no slashes (they would nest groups)."""
     return printable(name, 60).replace("/", "_") or "_"
+
+
+def speed_text(train) -> str:
+    """`bf16 autocast, channels_last` / `float32` (the options a run trains with, auto resolved)."""
+    precision = {"32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[train.precision]
+    return precision + (", channels_last" if train.channels_last else "")

@@ -224,3 +224,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# What `train.precision: auto` and `train.channels_last: auto` turn on, by model, when training on
+# the CPU: only what was measured faster there by more than 10 % (benchmarks/cpu_options.py: a
+# 2-core AMD EPYC with AVX-512 BF16, torch 2.14, batch 128; the step's images/s vs float32) at
+# the same accuracy (benchmarks/README.md). Elsewhere, and for other models, auto means float32
+# and the default memory format: nothing here was measured on GPUs yet.
+CPU_SPEED_DEFAULTS: dict[str, dict[str, bool]] = {
+    "lenet": {"channels_last": True},  # 1.27x; bf16 0.52x
+    "alexnet": {"channels_last": True, "bf16": True},  # 1.15x, 1.89x
+    "mlp": {"bf16": True},  # 1.52x; channels_last does nothing to Linear layers
+    "torchvision.resnet18": {"bf16": True},  # 1.53x; channels_last 1.09x, under the bar
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matrix instructions (AVX-512 BF16 / AMX): without them bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_speed_options(train, model_name: str, device: torch.device):
+    """The train section with `auto` precision and channels_last made concrete for this model
+    and device (a copy: the config itself keeps `auto`). One home of the rule."""
+    measured = CPU_SPEED_DEFAULTS.get(model_name, {}) if device.type == "cpu" else {}
+    update: dict[str, Any] = {}
+    if train.precision == "auto":
+        update["precision"] = "bf16" if measured.get("bf16") and cpu_has_native_bf16() else "32"
+    if train.channels_last == "auto":
+        update["channels_last"] = bool(measured.get("channels_last"))
+    return train.model_copy(update=update) if update else train

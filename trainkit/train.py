@@ -335,6 +335,7 @@ class Built:
     freezer: Any = None  # trainkit.finetune.FreezeSchedule, or None
     trust_code: bool = False  # the model's own code may be imported (--trust-code)
     data_seconds: float | None = None  # data preparation time (decoding on a first run)
+    train_options: Any = None  # config.train with `auto` precision / channels_last made concrete
 
 
 def build_model_checked(
@@ -462,7 +463,13 @@ def wrap_for_training(model: torch.nn.Module, config: Config, placement) -> torc
 
 
 def _build_initialised_model(
-    config: Config, spec: dict[str, Any], *, placement, trust_code: bool, resumed_epoch: int | None
+    config: Config,
+    spec: dict[str, Any],
+    *,
+    placement,
+    trust_code: bool,
+    resumed_epoch: int | None,
+    channels_last: bool,
 ) -> tuple[torch.nn.Module, str | None]:
     """→ (the model, seeded and initialised from model.weights / model.init, the line saying how)."""
     from trainkit.runtime import local_main_first
@@ -487,7 +494,7 @@ def _build_initialised_model(
         config.model.kwargs,
         seed=config.run.seed,
         device=placement.device,
-        channels_last=config.train.channels_last,
+        channels_last=channels_last,
         trust_code=trust_code,
         before_probe=initialise,
     )
@@ -518,9 +525,10 @@ def build_run(
 ) -> Built:
     from trainkit.data.pipeline import build_data
     from trainkit.optim import build_loss, build_scheduler
-    from trainkit.runtime import local_main_first, seed_everything
+    from trainkit.runtime import local_main_first, resolve_speed_options, seed_everything
 
     seed_everything(config.run.seed)
+    train_options = resolve_speed_options(config.train, config.model.name, placement.device)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
     data_cfg = resolve_data_config(config)
     data_began = time.perf_counter()
@@ -528,7 +536,12 @@ def build_run(
         bundle = build_data(data_cfg, config.run.seed, console)
     spec = model_spec(config, bundle.splits)
     model, init_line = _build_initialised_model(
-        config, spec, placement=placement, trust_code=trust_code, resumed_epoch=resumed_epoch
+        config,
+        spec,
+        placement=placement,
+        trust_code=trust_code,
+        resumed_epoch=resumed_epoch,
+        channels_last=train_options.channels_last,
     )
     loss_fn = build_loss(config.loss, spec["num_classes"]).to(placement.device)
     optimizer, frozen, freezer = _build_optimizer_and_freeze(config, model, spec, resumed_epoch)
@@ -553,6 +566,7 @@ def build_run(
         freezer=freezer,
         trust_code=trust_code,
         data_seconds=data_seconds,
+        train_options=train_options,
     )
 
 
@@ -618,7 +632,7 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
         val_source=built.val_source,
         train_transform=BatchTransform(bundle.preprocess, config.data.augment, config.run.seed),
         eval_transform=BatchTransform(bundle.preprocess, None),
-        train=config.train,
+        train=built.train_options or config.train,
         placement=placement,
         num_classes=built.spec["num_classes"],
         monitor=Monitor.for_metric(config.train.monitor),
