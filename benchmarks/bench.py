@@ -69,6 +69,53 @@ def build_bench_model(args):
     )
 
 
+def speed_options(args):
+    """The precision and memory format trainkit trains this model with (train.precision and
+    train.channels_last from --trainkit-args, else `auto` resolved by trainkit's own rule), so
+    that the limits run the very step trainkit runs."""
+    import torch
+
+    from trainkit.config import TrainConfig
+    from trainkit.runtime import resolve_speed_options
+
+    chosen = {}
+    for item in args.trainkit_args.split():
+        key, _, value = item.partition("=")
+        if key == "train.precision":
+            chosen["precision"] = value
+        elif key == "train.channels_last":
+            chosen["channels_last"] = (
+                value if value == "auto" else value.lower() in ("true", "1", "yes", "on")
+            )
+    device = torch.device("cuda" if args.device.startswith("cuda") else args.device)
+    return resolve_speed_options(TrainConfig(**chosen), MODELS[args.model]["name"], device)
+
+
+def limit_step(args, model, optimizer):
+    """step(x, y): forward, loss, backward, optimizer step, with trainkit's options."""
+    from contextlib import nullcontext
+
+    import torch
+
+    options = speed_options(args)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+
+    def step(x, y):
+        if options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type, dtype=dtype) if dtype else nullcontext():
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def normalization(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
     channels = MODELS[args.model]["channels"]
     return MEAN[:channels], STD[:channels]
@@ -257,12 +304,11 @@ def run_gather_limit(args) -> dict:
             for i in range(batches):
                 yield order[i * args.batch_size : (i + 1) * args.batch_size]
 
+    train_step = limit_step(args, model, optimizer)
+
     def step(index):
         x = images.index_select(0, index).float().sub_(shift).mul_(scale)  # (B, C, H, W)
-        loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, index))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(x, labels.index_select(0, index))
 
     indices = batches_forever()
     for _ in range(20):
@@ -286,19 +332,16 @@ def run_compute_limit(args) -> dict:
     pairs = [train[i] for i in range(args.batch_size)]
     x = torch.stack([image for image, _ in pairs]).to(args.device)
     y = torch.tensor([label for _, label in pairs]).to(args.device)
+    if speed_options(args).channels_last:  # converted once: the limit pays no per-step copy
+        x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    step = limit_step(args, model, optimizer)
     for _ in range(20):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(x, y)
     sync()
     steps, began = 0, time.perf_counter()
     while time.perf_counter() - began < args.seconds:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(x, y)
         steps += 1
     sync()
     return {"images_per_s": steps * args.batch_size / (time.perf_counter() - began)}
@@ -361,13 +404,122 @@ def run_trainkit(args) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- eval and predict
+
+
+def prediction_folder(args) -> Path:
+    """--data: its test/ folder (CIFAR-10: 10,000 JPEGs); else 10,000 synthetic PNGs, made once."""
+    if args.data:
+        return Path(args.data) / "test"
+    from PIL import Image
+
+    from trainkit.data.synthetic import make_synthetic
+
+    shape = MODELS[args.model]
+    folder = Path(tempfile.gettempdir()) / f"bench-predict-{shape['channels']}x{shape['size']}-10000"
+    if not (folder / "done").exists():
+        folder.mkdir(exist_ok=True)
+        images, labels = make_synthetic(10_000, "test", shape["size"], shape["channels"])
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            array = pixels.permute(1, 2, 0).numpy()  # (H, W, C)
+            Image.fromarray(array[:, :, 0] if shape["channels"] == 1 else array).save(
+                folder / f"{i:05d}_{label}.png"
+            )
+        (folder / "done").write_text("")
+    return folder
+
+
+def image_paths(folder: Path) -> list[Path]:
+    from trainkit.data.preprocess import image_files
+
+    return [Path(path) for path, _, _ in image_files(str(folder))]
+
+
+def run_eval(args) -> dict:
+    """`trainkit eval` as the Python API runs it (torch imported, a second call timed): load the
+    checkpoint and its split (decoded cache / regenerated), then score it."""
+    import trainkit
+
+    trainkit.evaluate(args.checkpoint, device=args.device)  # warm: first loads, caches
+    began = time.perf_counter()
+    result = trainkit.evaluate(args.checkpoint, device=args.device)
+    seconds = time.perf_counter() - began
+    return {"images_per_s": result["num_samples"] / seconds, "images": result["num_samples"]}
+
+
+def run_inference_limit(args) -> dict:
+    """The model's forward alone on in-memory, preprocessed batches of the eval batch size."""
+    import torch
+
+    model = build_bench_model(args).to(args.device).eval()
+    shape = MODELS[args.model]
+    x = torch.randn(1024, shape["channels"], shape["size"], shape["size"], device=args.device)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        steps, began = 0, time.perf_counter()
+        while time.perf_counter() - began < args.seconds:
+            model(x).argmax(1).tolist()
+            steps += 1
+    return {"images_per_s": steps * 1024 / (time.perf_counter() - began)}
+
+
+def run_predict(args) -> dict:
+    """`trainkit predict FOLDER -c CKPT --out preds.csv` (the real command), its marginal rate:
+    (N - 1) images / (its wall time - the same command's on one image)."""
+    folder = prediction_folder(args)
+    one = image_paths(folder)[0]
+    out = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    base = [sys.executable, "-m", "trainkit", "predict", "-c", args.checkpoint, "--device", args.device]
+    single = median_seconds(base + [str(one), "--out", str(out / "one.csv")], 3)
+    began = time.perf_counter()
+    done = subprocess.run(base + [str(folder), "--out", str(out / "all.csv")], capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1])
+    count = sum(1 for _ in open(out / "all.csv")) - 1
+    return {"images_per_s": (count - 1) / (seconds - single), "images": count, "one_image_s": single}
+
+
+def run_decode_limit(args) -> dict:
+    """The floor under predict in one process: PIL decodes each file (Image.open + convert, as
+    any loader must), the batch is stacked, normalised and run through the model; nothing else."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    paths = image_paths(prediction_folder(args))
+    model = build_bench_model(args).to(args.device).eval()
+    shape = MODELS[args.model]
+    mode = "L" if shape["channels"] == 1 else "RGB"
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(paths), 256):
+            arrays = []
+            for path in paths[start : start + 256]:
+                with Image.open(path) as image:
+                    image = image.convert(mode)
+                    if image.size != (shape["size"], shape["size"]):
+                        image = image.resize((shape["size"], shape["size"]), Image.BILINEAR)
+                    arrays.append(np.asarray(image))
+            batch = torch.from_numpy(np.stack(arrays)).to(args.device)  # (b, H, W[, C]) uint8
+            batch = batch.view(len(arrays), shape["size"], shape["size"], -1).permute(0, 3, 1, 2)
+            model(batch.float().div_(255).sub_(0.5).div_(0.5)).softmax(1).topk(1)
+    return {"images_per_s": len(paths) / (time.perf_counter() - began)}
+
+
 CONTESTANTS = {
     "trainkit": run_trainkit,
     "tutorial": run_tutorial,
     "lightning": run_lightning,
     "compute_limit": run_compute_limit,
     "gather_limit": run_gather_limit,
+    "eval": run_eval,
+    "inference_limit": run_inference_limit,
+    "predict": run_predict,
+    "decode_limit": run_decode_limit,
 }
+NEEDS_CHECKPOINT = {"eval", "predict"}
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -465,6 +617,58 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+RATIOS = [  # (numerator, denominator, what it says)
+    ("trainkit", "tutorial", ""),
+    ("trainkit", "lightning", ""),
+    ("trainkit", "compute_limit", "the fixed-batch limit"),
+    ("trainkit", "gather_limit", "the honest limit: any in-memory loop pays the gather"),
+    ("gather_limit", "compute_limit", "what any in-memory loop pays for its data"),
+    ("eval", "inference_limit", "forward alone on in-memory batches"),
+    ("predict", "decode_limit", "PIL decode + forward in one process"),
+]
+
+
+def worker_command(args, name: str, checkpoint: str | None) -> list[str]:
+    command = [sys.executable, __file__, "--worker", name, "--model", args.model]
+    for flag in ("batch_size", "seconds", "target", "max_seconds", "synthetic_size", "threads", "device"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    command += [f"--trainkit-args={args.trainkit_args}"]
+    command += ["--trainkit-epochs", str(args.trainkit_epochs)] if args.trainkit_epochs else []
+    command += ["--data", args.data] if args.data else []
+    command += ["--checkpoint", checkpoint] if checkpoint else []
+    return command
+
+
+def run_worker(args, name: str, checkpoint: str | None) -> dict | None:
+    done = subprocess.run(worker_command(args, name, checkpoint), capture_output=True, text=True)
+    line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
+    if line is None:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  {name} failed: {tail}", file=sys.stderr)
+        return None
+    return json.loads(line[len("RESULT ") :])
+
+
+def checkpoint_for(args, results: dict) -> str:
+    """eval and predict score a trainkit checkpoint: --checkpoint, this run's, or a 1-epoch one."""
+    if args.checkpoint:
+        return args.checkpoint
+    if results.get("trainkit"):
+        return results["trainkit"][0]["checkpoint"]
+    out = Path(tempfile.mkdtemp(prefix="bench-checkpoint-"))
+    subprocess.run(trainkit_command(args, out, ["train.epochs=1"]), capture_output=True, check=True)
+    return str(next(out.glob("*/checkpoints/best.pt")))
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the rounds (the other fields from the first round)."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in runs if key in r)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="ImageFolder root with train/ and test/ (default: synthetic)")
@@ -473,6 +677,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20, help="throughput window per contestant")
+    parser.add_argument("--rounds", type=int, default=1, help="run the contestants in turn this many times")
     parser.add_argument("--target", type=float, default=0.54, help="test accuracy for time-to-target")
     parser.add_argument(
         "--max-seconds", type=float, default=400, help="cap for the tutorial's time to target"
@@ -483,98 +688,82 @@ def main() -> None:
     parser.add_argument("--synthetic-size", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", nargs="*", choices=list(CONTESTANTS), default=list(CONTESTANTS))
+    parser.add_argument("--checkpoint", help="eval/predict: score this checkpoint (default: trainkit's)")
     parser.add_argument("--no-startup", action="store_true", help="skip the CLI start-up and cache timings")
     parser.add_argument("--worker", choices=list(CONTESTANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    results = {}
-    for name in args.only:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--model",
-            args.model,
-            "--batch-size",
-            str(args.batch_size),
-            "--seconds",
-            str(args.seconds),
-            "--target",
-            str(args.target),
-            "--max-seconds",
-            str(args.max_seconds),
-            "--synthetic-size",
-            str(args.synthetic_size),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
-            f"--trainkit-args={args.trainkit_args}",
-        ]
-        command += ["--trainkit-epochs", str(args.trainkit_epochs)] if args.trainkit_epochs else []
-        command += ["--data", args.data] if args.data else []
-        print(f"running {name}…", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
-        if line is None:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"  {name} failed: {tail}", file=sys.stderr)
-            continue
-        results[name] = json.loads(line[len("RESULT ") :])
+    results: dict[str, list[dict]] = {}
+    checkpoint = None
+    for round_index in range(args.rounds):
+        for name in args.only:
+            if name in NEEDS_CHECKPOINT and checkpoint is None:
+                checkpoint = checkpoint_for(args, results)
+            print(f"round {round_index + 1}/{args.rounds}: running {name}…", file=sys.stderr, flush=True)
+            result = run_worker(args, name, checkpoint if name in NEEDS_CHECKPOINT else None)
+            if result is not None:
+                results.setdefault(name, []).append(result)
+    report(args, results)
 
+
+def report(args, results: dict[str, list[dict]]) -> None:
+    model = MODELS[args.model]
+    options = speed_options(args)
     print(
-        f"\n{MODELS[args.model]['name']} at {MODELS[args.model]['channels']}x{MODELS[args.model]['size']}"
-        f"x{MODELS[args.model]['size']}, batch {args.batch_size} (tutorial: batch 4), device {args.device}, "
-        f"{args.threads} threads, "
-        f"data: {args.data or f'synthetic {args.synthetic_size} images'}, "
+        f"\n{model['name']} at {model['channels']}x{model['size']}x{model['size']}, batch {args.batch_size} "
+        f"(tutorial: batch 4), device {args.device}, {args.threads} threads, "
+        f"{'bf16' if options.precision == 'bf16' else 'float32'}"
+        f"{', channels_last' if options.channels_last else ''} (trainkit and the limits), "
+        f"data: {args.data or f'synthetic {args.synthetic_size} images'}, {args.rounds} round(s), "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
     )
-    print(f"{'contestant':<15}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
-    for name, r in results.items():
+    medians = {name: median_result(runs) for name, runs in results.items()}
+    print(f"{'contestant':<16}{'images/s':>10}{'peak MB':>10}{'to target':>12}{'final acc':>11}")
+    for name, r in medians.items():
         peak = r.get("peak_memory_mb_child") or r["peak_mb"]
         target = f"{r['seconds_to_target']:.1f} s" if "seconds_to_target" in r else "-"
         accuracy = f"{100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else "-"
-        print(f"{name:<15}{r['images_per_s']:>10,.0f}{peak:>10,.0f}{target:>12}{accuracy:>11}")
-    if "trainkit" in results:
-        ours = results["trainkit"]["images_per_s"]
-        print()
-        for other in ("tutorial", "lightning", "compute_limit", "gather_limit"):
-            if other in results:
-                print(f"trainkit / {other:<14} {ours / results[other]['images_per_s']:6.2f} x")
-        if "seconds_to_target" in results["trainkit"] and "tutorial" in results:
-            tutorial = results["tutorial"].get("seconds_to_target")
-            if tutorial:
-                print(
-                    f"time to {100 * args.target:.0f}%: trainkit / tutorial "
-                    f"{results['trainkit']['seconds_to_target'] / tutorial:6.3f}"
-                )
-        if "gather_limit" in results and "compute_limit" in results:
-            gather = results["gather_limit"]["images_per_s"] / results["compute_limit"]["images_per_s"]
-            print(f"gather_limit / compute_limit {gather:6.2f} x (what any in-memory loop pays for its data)")
-        if args.no_startup:
-            return
-        startup = startup_figures(results["trainkit"]["checkpoint"])
+        print(f"{name:<16}{r['images_per_s']:>10,.0f}{peak:>10,.0f}{target:>12}{accuracy:>11}")
+    print()
+    for top, bottom, meaning in RATIOS:
+        if top in results and bottom in results:
+            pairs = zip(results[top], results[bottom])
+            ratio = statistics.median(a["images_per_s"] / b["images_per_s"] for a, b in pairs)
+            note = f"  ({meaning})" if meaning else ""
+            print(f"{top} / {bottom:<16} {ratio:6.2f} x{note}  (median of per-round ratios)")
+    trainkit = medians.get("trainkit")
+    if trainkit and "seconds_to_target" in trainkit and "tutorial" in medians:
+        tutorial = medians["tutorial"].get("seconds_to_target")
+        if tutorial:
+            ratio = trainkit["seconds_to_target"] / tutorial
+            print(f"time to {100 * args.target:.0f}%: trainkit / tutorial {ratio:6.3f}")
+    if args.no_startup or not trainkit:
+        return
+    startup_report(args, trainkit)
+
+
+def startup_report(args, trainkit: dict) -> None:
+    startup = startup_figures(trainkit["checkpoint"])
+    print(
+        f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "
+        f"{startup['predict_s']:.2f} s; python -c 'import torch, torchvision' "
+        f"{startup['import_torch_torchvision_s']:.2f} s; predict / import "
+        f"{startup['predict_over_import']:.2f}"
+    )
+    if args.data:
+        cache = cache_figures(args)
         print(
-            f"\nstart-up: trainkit --help {startup['help_s']:.2f} s; trainkit predict one.png "
-            f"{startup['predict_s']:.2f} s; python -c 'import torch, torchvision' "
-            f"{startup['import_torch_torchvision_s']:.2f} s; predict / import "
-            f"{startup['predict_over_import']:.2f}"
+            f"first training step: first run {cache['first_step_first_run_s']:.1f} s, second "
+            f"run {cache['first_step_second_run_s']:.1f} s ({cache['cache_speedup']:.1f}x sooner); "
+            f"data ready in {cache['data_ready_first_run_s']:.1f} s vs "
+            f"{cache['data_ready_second_run_s']:.2f} s ({cache['data_speedup']:.0f}x)"
         )
-        if args.data:
-            cache = cache_figures(args)
-            print(
-                f"first training step: first run {cache['first_step_first_run_s']:.1f} s, second "
-                f"run {cache['first_step_second_run_s']:.1f} s ({cache['cache_speedup']:.1f}x sooner); "
-                f"data ready in {cache['data_ready_first_run_s']:.1f} s vs "
-                f"{cache['data_ready_second_run_s']:.2f} s ({cache['data_speedup']:.0f}x)"
-            )
-            print(
-                f"floor: import torch + one torch.optim step {cache['torch_optim_floor_s']:.1f} s, "
-                f"so no torch.optim trainer can be more than {cache['speedup_bound']:.1f}x sooner"
-            )
+        print(
+            f"floor: import torch + one torch.optim step {cache['torch_optim_floor_s']:.1f} s, "
+            f"so no torch.optim trainer can be more than {cache['speedup_bound']:.1f}x sooner"
+        )
 
 
 if __name__ == "__main__":
