@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -207,3 +208,40 @@ def test_a_closed_pipe_is_not_an_error(trained, tmp_path):
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141 and "error" not in stderr, stderr
+
+
+def test_predict_on_a_large_folder_decodes_in_workers_with_the_same_output(
+    cli, trained, tmp_path, monkeypatch
+):
+    """More than one batch of images: decoded by worker processes, one tensor per batch; the
+    output (order, errors, exit code) is the one-process output."""
+    import importlib
+
+    predict = importlib.import_module(
+        "trainkit.predict"
+    )  # the module (trainkit.predict is the API's function)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(predict.PREDICT_BATCH + 60):
+        pixels = torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.png")
+    (folder / "img_0100_broken.png").write_bytes(b"not an image")  # sorts into the first batch
+    assert predict.decode_workers(predict.PREDICT_BATCH + 61) >= (
+        1 if len(os.sched_getaffinity(0)) > 1 else 0
+    )
+    runs = {}
+    for name, workers in (("workers", predict.decode_workers), ("one process", lambda count: 0)):
+        monkeypatch.setattr(predict, "decode_workers", workers)
+        result = cli("predict", folder, "-c", trained, "--out", tmp_path / f"{name}.csv")
+        assert result.exit_code == 1, result  # the broken file
+        assert result.stderr.count("error: ") == 1 and "img_0100_broken.png" in result.stderr
+        runs[name] = (tmp_path / f"{name}.csv").read_text()
+    rows = runs["workers"].splitlines()
+    assert len(rows) == 1 + predict.PREDICT_BATCH + 60
+    assert [row.split(",")[0].rsplit("/", 1)[-1] for row in rows[1:4]] == [
+        "img_0000.png",
+        "img_0001.png",
+        "img_0002.png",
+    ]
+    assert runs["workers"] == runs["one process"]
