@@ -103,9 +103,7 @@ def limit_step(args, model, optimizer):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
 
-    def step(x, y):
-        if options.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def step(x, y):  # the batch stays (B, C, H, W) as in trainkit: only the model is channels_last
         with torch.autocast(device_type, dtype=dtype) if dtype else nullcontext():
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
@@ -332,8 +330,6 @@ def run_compute_limit(args) -> dict:
     pairs = [train[i] for i in range(args.batch_size)]
     x = torch.stack([image for image, _ in pairs]).to(args.device)
     y = torch.tensor([label for _, label in pairs]).to(args.device)
-    if speed_options(args).channels_last:  # converted once: the limit pays no per-step copy
-        x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     step = limit_step(args, model, optimizer)
     for _ in range(20):
