@@ -232,12 +232,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # the same accuracy (benchmarks/README.md). Elsewhere, and for other models, auto means float32
 # and the default memory format: nothing here was measured on GPUs yet.
 CPU_SPEED_DEFAULTS: dict[str, dict[str, bool]] = {
-    "lenet": {"channels_last": True},  # 1.27x; bf16 0.52x
-    # bf16 was 1.89x faster but learned slower: 16.8 % vs 31.9 % validation accuracy after 4
+    "lenet": {"channels_last": True},  # 1.34x; bf16 0.88x
+    # bf16 was 1.78x faster but learned slower: 16.8 % vs 31.9 % validation accuracy after 4
     # epochs on a 10,000-image CIFAR-10 subset (train loss 2.28 vs 1.87), so float32 stays
-    "alexnet": {"channels_last": True},  # 1.15x
-    "mlp": {"bf16": True},  # 1.52x; channels_last does nothing to Linear layers
-    "torchvision.resnet18": {"bf16": True},  # 1.53x; channels_last 1.09x, under the bar
+    "alexnet": {"channels_last": True},  # 1.12x
+    "mlp": {"bf16": True},  # 1.31x; channels_last does nothing to Linear layers
+    "torchvision.resnet18": {"bf16": True},  # 1.70x; channels_last 1.12x alone, not measured with bf16
 }
 
 
