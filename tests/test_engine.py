@@ -343,3 +343,10 @@ def test_a_default_run_says_and_records_what_auto_chose(cli, tmp_path, monkeypat
     lenet = cli("train", write_config(tmp_path), "model.name=lenet", "~model.hidden_sizes", "run.name=le")
     assert lenet.exit_code == 0, lenet
     assert json.loads((tmp_path / "runs" / "le" / "run.json").read_text())["channels_last"] is True
+
+
+@pytest.mark.parametrize("value", ["Auto", "2", "null", "maybe"])
+def test_channels_last_takes_true_false_or_auto_and_says_so(cli, tmp_path, value):
+    result = cli("config", write_config(tmp_path), f"train.channels_last={value}")
+    assert result.exit_code == 2
+    assert "train.channels_last: expected true, false or auto" in result.stderr

@@ -259,6 +259,13 @@ class TrainConfig(Section):
         None, description="also keep checkpoints/epoch-<N>.pt every N epochs (null = never)"
     )
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _channels_last_choice(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("expected true, false or auto")
+
     @field_validator("precision", mode="before")
     @classmethod
     def _precision_as_text(cls, value: Any) -> Any:
