@@ -93,19 +93,26 @@ def speed_options(args):
 
 def limit_step(args, model, optimizer):
     """step(x, y): forward, loss, backward, optimizer step, with trainkit's options."""
+    import torch
+
+    options = speed_options(args)
+    if options.channels_last:  # the batch stays (B, C, H, W) as in trainkit: only the model changes
+        model.to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    return train_step(model, optimizer, device_type, dtype)
+
+
+def train_step(forward, optimizer, device_type: str = "cpu", dtype=None):
+    """step(x, y): forward (under autocast to `dtype` when given), cross-entropy, backward,
+    optimizer step: the one step every limit and option measurement times."""
     from contextlib import nullcontext
 
     import torch
 
-    options = speed_options(args)
-    if options.channels_last:
-        model.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-
-    def step(x, y):  # the batch stays (B, C, H, W) as in trainkit: only the model is channels_last
+    def step(x, y):
         with torch.autocast(device_type, dtype=dtype) if dtype else nullcontext():
-            logits = model(x)
+            logits = forward(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,12 +20,11 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import MODELS  # noqa: E402  (the model list and shapes: one home)
+from bench import MODELS, train_step  # noqa: E402  (the models, their shapes, the step: one home)
 
 OPTIONS = {
     "float32": {},
@@ -58,17 +57,8 @@ def make_step(model_key: str, option: dict, batch_size: int):
     if option.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)  # the batch stays NCHW, as in trainkit
     forward = torch.compile(model) if option.get("compile") else model
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if option.get("bf16") else nullcontext
-
-    def step():
-        with autocast():
-            logits = forward(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    step = train_step(forward, optimizer, "cpu", torch.bfloat16 if option.get("bf16") else None)
+    return lambda: step(x, y)
 
 
 def measure(model_key: str, args) -> dict:
