@@ -23,6 +23,7 @@ from trainkit.errors import TrainkitError
 MAX_IMAGE_PIXELS = 64_000_000
 # Transparent pixels are composited on this background before dropping alpha.
 ALPHA_BACKGROUND = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -311,19 +312,23 @@ def pil_to_uint8(image: Image.Image, channels: int, reduce_to: int | None = None
     With `reduce_to`, an image at least twice that side in both dimensions is first shrunk by
     an integer box filter (Image.reduce) to no less than it: the final antialiased resize then
     works on a fraction of the pixels, with the same look."""
-    image = ImageOps.exif_transpose(image) or image
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _high_depth_to_uint8(image)
     image = _flatten_alpha(image)
-    image = image.convert("L" if channels == 1 else "RGB")
+    target = "L" if channels == 1 else "RGB"
+    if image.mode != target:  # convert to the same mode is a copy
+        image = image.convert(target)
     if reduce_to:
         # a gap of 2 (as PIL.Image.resize(reducing_gap=2)): the antialiased resize still halves
         factor = min(image.width // reduce_to, image.height // reduce_to) // 2
         if factor >= 2:
             image = image.reduce(factor)
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, C), read-only
+    # one writable copy, made by numpy: a torch permute + contiguous costs ~10 us per image more
+    array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.array(array, order="C"))
 
 
 def open_image(path) -> Image.Image:
