@@ -274,11 +274,14 @@ def test_readme_documents_every_config_key():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("pad", [0, 2, 60])  # 60: past CROP_TABLE_MAX_ENTRIES, the per-batch index
-def test_crop_and_flip_matches_a_reference_for_every_index_path(pad):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("pad", [0, 1, 2, 60])  # 60: the crop lies wholly in the padding
+def test_crop_and_flip_matches_a_reference_for_any_pad_and_dtype(pad, dtype):
     torch.manual_seed(pad)
-    images = torch.randint(0, 256, (5, 2, 9, 7), dtype=torch.uint8)
+    images = torch.randint(0, 256, (5, 2, 9, 7)).to(dtype)
     offsets = torch.randint(0, 2 * pad + 1, (5, 2))
+    offsets[0] = torch.tensor([0, 2 * pad])  # the extreme corners: first and last rows read
+    offsets[-1] = torch.tensor([2 * pad, 0])
     flips = torch.tensor([True, False, True, False, True])
     out = crop_and_flip(images, offsets, flips, pad)
     padded = torch.nn.functional.pad(images, (pad,) * 4)
@@ -286,6 +289,8 @@ def test_crop_and_flip_matches_a_reference_for_every_index_path(pad):
         dy, dx = offsets[i].tolist()
         expected = padded[i, :, dy : dy + 9, dx : dx + 7]
         assert torch.equal(out[i], expected.flip(2) if flips[i] else expected)
+    empty = crop_and_flip(images[:0], offsets[:0], flips[:0], pad)  # an empty DDP share
+    assert empty.shape == (0, 2, 9, 7)
 
 
 def test_normalize_is_the_formula_and_leaves_its_input_alone():

@@ -8,7 +8,6 @@ point, and there is no augmentation RNG state to save.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -118,42 +117,27 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
 def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
     """Zero-pad by `pad`, crop back to (H, W) at a per-sample (dy, dx), mirror where `flips`.
 
-    One gather over the flattened pixels: ~5x faster on CPU than 4-D advanced indexing and
-    than a separate torch.where flip, and a single kernel on GPU. For small images the gather's
-    index comes from a table of every (dy, dx, flip) crop, made once per shape (0.06 ms less
-    per LeNet batch on CPU than building it per batch).
+    Each output row is W pixels that lie side by side in the padded batch (read forwards) or,
+    mirrored, in a reversed copy of it (read forwards too): so the whole crop is one
+    `index_select` of b * C * H row windows — W times fewer indices than a per-pixel gather
+    (0.19 → 0.12 ms per LeNet batch on CPU) and no per-sample flip (a broadcast torch.where
+    alone cost 0.18 ms). (b, C, H, W) of any dtype → a new tensor of the same shape.
     """
     b, c, h, w = images.shape
+    if b == 0:
+        return images.clone()
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
-    span = 2 * pad + 1
-    if span * span * 2 * h * w <= CROP_TABLE_MAX_ENTRIES:
-        crops = (offsets[:, 0] * span + offsets[:, 1]) * 2 + flips.long()  # (b,) rows of the table
-        index = _crop_index_table(h, w, pad, images.device).index_select(0, crops)  # (b, H*W)
-    else:
-        view = (b, 1, 1)
-        index = _crop_index(offsets[:, 0].view(view), offsets[:, 1].view(view), flips.view(view), h, w, pad)
-    index = index.reshape(b, 1, h * w).expand(b, c, h * w)
-    return padded.reshape(b, c, padded.shape[2] * padded.shape[3]).gather(2, index).view(b, c, h, w)
-
-
-CROP_TABLE_MAX_ENTRIES = 1 << 20  # 8 MB of int64: 3x32x32 up to pad 7, 64x64 up to pad 3
-
-
-def _crop_index(dy, dx, flip, h: int, w: int, pad: int) -> torch.Tensor:
-    """Flat indices into the (H + 2 pad) x (W + 2 pad) padded image of each output pixel of the
-    crop at (dy, dx), mirrored where `flip`; broadcastable (..., 1, 1) arguments → (..., H, W)."""
-    columns = torch.arange(w, device=dy.device)
-    columns = torch.where(flip, w - 1 - columns, columns) + dx  # (..., 1, W)
-    rows = torch.arange(h, device=dy.device).view(h, 1) + dy  # (..., H, 1)
-    return rows * (w + 2 * pad) + columns
-
-
-@functools.lru_cache(maxsize=8)
-def _crop_index_table(h: int, w: int, pad: int, device: torch.device) -> torch.Tensor:
-    """(span * span * 2, H*W) int64, row (dy * span + dx) * 2 + flip: every crop's indices."""
-    span = 2 * pad + 1
-    with torch.inference_mode(False):
-        dy = torch.arange(span, device=device).view(span, 1, 1, 1, 1)
-        dx = torch.arange(span, device=device).view(1, span, 1, 1, 1)
-        flip = torch.tensor([False, True], device=device).view(1, 1, 2, 1, 1)
-        return _crop_index(dy, dx, flip, h, w, pad).reshape(span * span * 2, h * w).contiguous()
+    flat = padded.reshape(-1)
+    n, sample = flat.numel(), c * (h + 2 * pad) * (w + 2 * pad)
+    both = torch.cat([flat, flat.flip(0)])  # (2n,): the reversed copy holds every row mirrored
+    windows = both.as_strided((2 * n - w + 1, w), (1, 1))  # every run of w pixels, a view
+    view = (b, 1, 1)
+    dy, dx = offsets[:, 0].long().view(view), offsets[:, 1].long().view(view)
+    flipped = flips.long().view(view)
+    channel = torch.arange(c, device=images.device).view(1, c, 1)
+    row = torch.arange(h, device=images.device).view(1, 1, h)
+    first = torch.arange(b, device=images.device).view(view) * sample
+    start = first + ((channel * (h + 2 * pad) + row + dy) * (w + 2 * pad) + dx)  # (b, C, H)
+    # the mirrored run of the w pixels at q..q+w-1 starts at 2n - w - q in `both`
+    start = torch.where(flipped.bool(), 2 * n - w - start, start)
+    return windows.index_select(0, start.view(-1)).view(b, c, h, w)
