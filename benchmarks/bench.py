@@ -91,6 +91,18 @@ def speed_options(args):
     return resolve_speed_options(TrainConfig(**chosen), MODELS[args.model]["name"], device)
 
 
+def limit_optimizer(model):
+    """configs/cifar10.yaml's SGD with the implementation trainkit picks (the fused kernel where
+    torch has one): every limit runs the same update as trainkit, not torch's slower default."""
+    import torch
+
+    from trainkit.optim import fast_implementation
+
+    kwargs = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    implementation = fast_implementation(torch.optim.SGD, kwargs, model)
+    return torch.optim.SGD(model.parameters(), **kwargs, **implementation)
+
+
 def limit_step(args, model, optimizer):
     """step(x, y): forward, loss, backward, optimizer step, with trainkit's options."""
     import torch
@@ -299,7 +311,7 @@ def run_gather_limit(args) -> dict:
     shift = torch.tensor(mean, device=args.device).view(1, -1, 1, 1) * 255
     scale = 1 / (torch.tensor(std, device=args.device).view(1, -1, 1, 1) * 255)
     model = build_bench_model(args).to(args.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = limit_optimizer(model)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     batches = size // args.batch_size
 
@@ -332,7 +344,7 @@ def run_compute_limit(args) -> dict:
 
     torch.manual_seed(0)
     model = build_bench_model(args).to(args.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = limit_optimizer(model)
     train, _ = per_image_datasets(args)  # one real batch of the same images, preprocessed
     pairs = [train[i] for i in range(args.batch_size)]
     x = torch.stack([image for image, _ in pairs]).to(args.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import MODELS, train_step  # noqa: E402  (the models, their shapes, the step: one home)
+from bench import MODELS, limit_optimizer, train_step  # noqa: E402  (the models, their shapes, the step: one home)
 
 OPTIONS = {
     "float32": {},
@@ -51,7 +51,7 @@ def make_step(model_key: str, option: dict, batch_size: int):
             "input_size": shape["size"],
         }
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = limit_optimizer(model)
     x = torch.randn(batch_size, channels, size, size)  # (B, C, H, W)
     y = torch.randint(0, 10, (batch_size,))
     if option.get("channels_last"):

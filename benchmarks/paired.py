@@ -45,9 +45,7 @@ def limit_loops(args, size: int) -> dict:
     def make(fixed: bool):
         torch.manual_seed(0)
         model = bench.build_bench_model(args)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
-        )
+        optimizer = bench.limit_optimizer(model)
         step = bench.limit_step(args, model, optimizer)
         x_fixed = images[:batch].float().sub_(shift).mul_(scale)
         order = {"at": size, "perm": None}

@@ -122,3 +122,40 @@ def test_epoch_arguments_are_converted_to_steps():
         schedule.step()
         lrs.append(schedule.lr())
     assert lrs[18] == 1.0 and lrs[19] == 0.5 and lrs[39] == 0.25
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_fast_implementation_is_chosen_and_is_the_same_update(name):
+    """fused where torch has the kernel, else foreach; the same steps as torch's default
+    (single-tensor on CPU) to float rounding; a config's own choice is kept."""
+    kwargs = {"lr": 0.05, "weight_decay": 5e-4} | ({"momentum": 0.9, "nesterov": True} if name == "sgd" else {})
+    fast_model, plain_model = _tiny_problem()[0], _tiny_problem()[0]
+    fast = build_optimizer(OptimConfig(name=name, **kwargs), fast_model)
+    plain = build_optimizer(OptimConfig(name=name, foreach=False, **kwargs), plain_model)
+    group = fast.param_groups[0]
+    assert (group.get("fused"), group.get("foreach")) == ((None, True) if name == "rmsprop" else (True, None))
+    assert plain.param_groups[0]["foreach"] is False and not plain.param_groups[0].get("fused")
+    _, x, y = _tiny_problem()
+    for model, optimizer in ((fast_model, fast), (plain_model, plain)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(fast_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_an_optimizer_state_keeps_this_machines_implementation():
+    # a checkpoint from before fused kernels were chosen says fused=None, foreach=None
+    from trainkit.optim import load_optimizer_state
+
+    old_model, model = _tiny_problem()[0], _tiny_problem()[0]
+    old = torch.optim.SGD(old_model.parameters(), lr=0.1, momentum=0.9)
+    _, x, y = _tiny_problem()
+    nn.functional.cross_entropy(old_model(x), y).backward()
+    old.step()
+    optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9), model)
+    load_optimizer_state(optimizer, old.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True
+    momentum = optimizer.state[optimizer.param_groups[0]["params"][0]]["momentum_buffer"]
+    assert torch.equal(momentum, old.state[old.param_groups[0]["params"][0]]["momentum_buffer"])

@@ -23,6 +23,7 @@ from trainkit.config import TrainConfig
 from trainkit.data.loader import Batch, BatchSource
 from trainkit.errors import Interrupted, NonFiniteLoss
 from trainkit.monitor import Monitor
+from trainkit.optim import load_optimizer_state
 from trainkit.reporting import Console
 from trainkit.runtime import Placement, rng_state, set_rng_state, unwrap_model
 
@@ -425,7 +426,7 @@ class Trainer:
         """Everything a checkpoint holds back into the model, optimizer, schedule, scaler, RNGs,
         callbacks and the position in the run."""
         unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if new_schedule_length:  # train.epochs changed: the lr schedule was built for the new length
             self.schedule.fast_forward(state["scheduler"])
         else:
