@@ -88,7 +88,7 @@ def speed_options(args):
                 value if value == "auto" else value.lower() in ("true", "1", "yes", "on")
             )
     device = torch.device("cuda" if args.device.startswith("cuda") else args.device)
-    return resolve_speed_options(TrainConfig(**chosen), MODELS[args.model]["name"], device)
+    return resolve_speed_options(TrainConfig(**chosen), MODELS[args.model]["name"], device)[0]
 
 
 def limit_optimizer(model):

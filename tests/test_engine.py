@@ -327,11 +327,11 @@ def test_auto_speed_options_follow_the_measured_table(monkeypatch, model_name, n
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
     auto = TrainConfig()
-    resolved = runtime.resolve_speed_options(auto, model_name, torch.device(device))
-    assert (resolved.precision, resolved.channels_last) == expected
+    resolved, notes = runtime.resolve_speed_options(auto, model_name, torch.device(device))
+    assert (resolved.precision, resolved.channels_last) == expected and notes == []
     assert auto.precision == "auto" and auto.channels_last == "auto"  # the config is not changed
     chosen = TrainConfig(precision="32", channels_last=False)  # what the user sets is kept
-    assert runtime.resolve_speed_options(chosen, model_name, torch.device(device)) == chosen
+    assert runtime.resolve_speed_options(chosen, model_name, torch.device(device)) == (chosen, [])
 
 
 def test_a_default_run_says_and_records_what_auto_chose(cli, tmp_path, monkeypatch):
@@ -348,6 +348,24 @@ def test_a_default_run_says_and_records_what_auto_chose(cli, tmp_path, monkeypat
     lenet = cli("train", write_config(tmp_path), "model.name=lenet", "~model.hidden_sizes", "run.name=le")
     assert lenet.exit_code == 0, lenet
     assert json.loads((tmp_path / "runs" / "le" / "run.json").read_text())["channels_last"] is True
+
+
+def test_a_resume_keeps_what_auto_chose_even_where_this_machine_would_not(cli, tmp_path, monkeypatch):
+    # trained where the CPU has bf16 instructions, resumed where it has not: the run goes on in
+    # bf16 (as every other setting of a resumed run is kept), and says so
+    from trainkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    first = cli("train", write_config(tmp_path), "~train.precision", "train.epochs=1")
+    assert first.exit_code == 0, first
+    run_dir = tmp_path / "runs" / "tiny"
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["train_options"] == {"precision": "bf16", "channels_last": False}
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    resumed = cli("train", "--resume", str(run_dir), "train.epochs=2")
+    assert resumed.exit_code == 0, resumed
+    assert "train.precision: auto keeps bf16 from the run being resumed (here: 32)" in resumed.stderr
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("value", ["Auto", "2", "null", "maybe"])

@@ -128,7 +128,9 @@ def test_epoch_arguments_are_converted_to_steps():
 def test_fast_implementation_is_chosen_and_is_the_same_update(name):
     """fused where torch has the kernel, else foreach; the same steps as torch's default
     (single-tensor on CPU) to float rounding; a config's own choice is kept."""
-    kwargs = {"lr": 0.05, "weight_decay": 5e-4} | ({"momentum": 0.9, "nesterov": True} if name == "sgd" else {})
+    kwargs = {"lr": 0.05, "weight_decay": 5e-4}
+    if name == "sgd":
+        kwargs |= {"momentum": 0.9, "nesterov": True}
     fast_model, plain_model = _tiny_problem()[0], _tiny_problem()[0]
     fast = build_optimizer(OptimConfig(name=name, **kwargs), fast_model)
     plain = build_optimizer(OptimConfig(name=name, foreach=False, **kwargs), plain_model)

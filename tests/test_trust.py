@@ -473,3 +473,146 @@ def test_saves_never_pass_through_another_users_link(cli, tmp_path):
     own.symlink_to(target)  # the user's own link: followed
     assert cli("eval", checkpoint, "--save", own / "sub").exit_code == 0
     assert (target / "sub" / "eval.json").is_file()
+
+
+def test_a_folder_walk_names_special_files_and_does_not_leave_the_folder(cli, best, tmp_path):
+    # A FIFO or a link to a device in a folder would block or never end a reader; a link to
+    # / or /proc would walk the whole machine. Each is named (escaped) and skipped.
+    images = tmp_path / "images"
+    (images / "inside").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(images / "inside" / "good.png")
+    os.mkfifo(images / "pipe\x1b[31m.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "machine").symlink_to("/", target_is_directory=True)
+    (images / "again").symlink_to(images / "inside", target_is_directory=True)  # inside: followed
+
+    from trainkit.data.preprocess import image_files
+
+    problems: list[str] = []
+    found = [os.path.relpath(path, images) for path, _, _ in image_files(str(images), problems)]
+    assert found == ["again/good.png"] or found == ["inside/good.png"], found
+    assert any("zero.png: not a regular file" in p for p in problems), problems
+    assert any("pipe\x1b[31m.png: not a regular file" in p for p in problems), problems
+    assert any("machine: a link to a folder outside" in p for p in problems), problems
+
+    result = cli("predict", images, "-c", best)
+    assert result.exit_code == 1 and "good.png" in result.stdout, result
+    assert "pipe\\x1b[31m.png: not a regular file" in result.stderr and "\x1b" not in result.stderr
+    assert "machine: a link to a folder outside" in result.stderr
+
+
+def test_a_file_swapped_for_a_fifo_after_the_listing_is_an_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "late.png")
+    code = (
+        "from trainkit.data.preprocess import decode_image\n"
+        "from trainkit.errors import TrainkitError\n"
+        "try:\n    decode_image('late.png', 3, 16)\nexcept TrainkitError as e:\n    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "late.png: not a regular file, skipped", done
+
+
+def test_names_that_are_not_utf8_do_not_cost_the_csv(cli, best, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "ok.png")
+    Image.new("RGB", (16, 16)).save(os.path.join(os.fsencode(images), b"bad_\xff.png"))
+    out, jsonl = tmp_path / "p.csv", tmp_path / "p.jsonl"
+    for target in (out, jsonl):
+        result = cli("predict", images, "-c", best, "--out", target)
+        assert result.exit_code == 0, result
+    rows = out.read_text(encoding="utf-8").splitlines()  # valid UTF-8
+    assert len(rows) == 3 and any("bad_\\xff.png" in row for row in rows), rows
+    paths = [json.loads(line)["path"] for line in jsonl.read_text().splitlines()]
+    assert os.path.join(os.fsencode(images), b"bad_\xff.png") in [os.fsencode(p) for p in paths]
+
+
+def test_a_predict_summary_line_escapes_the_names_it_was_given(cli, best, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (16, 16)).save(image)
+    out = tmp_path / "\x1b[2Jred.csv"
+    result = cli("predict", image, "-c", best, "--out", out)
+    assert result.exit_code == 0 and out.exists(), result
+    assert "\x1b" not in result.stderr and "\\x1b[2Jred.csv" in result.stderr
+
+
+def test_decode_workers_die_with_their_parent(tmp_path):
+    # a worker busy with a slow image kept decoding for ~45 s after its parent was killed,
+    # holding the caller's pipes open; now the kernel kills it with the parent (Linux)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time, torch\n"
+        "from trainkit.data.workers import worker_options\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 4\n"
+        "    def __getitem__(self, i):\n"
+        "        open(f'worker-{os.getpid()}', 'w').close()\n"
+        "        time.sleep(3600)\n"
+        "loader = torch.utils.data.DataLoader(Slow(), num_workers=1, **worker_options(1))\n"
+        "next(iter(loader))\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        while not list(tmp_path.glob("worker-*")):  # the worker is inside a slow item
+            assert parent.poll() is None, "the parent ended before its worker started"
+            time.sleep(0.05)
+        worker = int(next(tmp_path.glob("worker-*")).name.split("-")[1])
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    for _ in range(1200):  # up to a minute: without the fix it sleeps for an hour
+        if not alive(worker):
+            break
+        time.sleep(0.05)
+    outlived = alive(worker)
+    if outlived:
+        os.kill(worker, signal.SIGKILL)
+    assert not outlived, "the worker outlived its parent"
+
+
+def test_loader_workers_refuse_batches_that_do_not_fit_shared_memory(cli, tmp_path, monkeypatch):
+    # a batch that does not fit /dev/shm made the worker drop it and training wait forever
+    from trainkit.data import workers
+
+    class Small:
+        f_bavail, f_frsize = 16, 4096  # 64 kB free
+
+    monkeypatch.setattr(workers.os, "statvfs", lambda path: Small())
+    folder = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / split / label / f"{i}.png")
+    config = write_config(
+        tmp_path,
+        {
+            "data": {"name": "imagefolder", "root": str(folder), "cache": "none", "num_workers": 2},
+            "train": {"epochs": 1},
+        },
+    )
+    result = cli("train", config)
+    assert result.exit_code != 0, result
+    assert "data.num_workers: the batches in flight need" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "need ~196.6 kB of shared memory and /dev/shm has 65.5 kB free" in errors[0]

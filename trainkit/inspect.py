@@ -39,7 +39,7 @@ def examine(path: str) -> tuple[str, int, int, str, str]:
     """→ (pixel hash, width, height, mode, error or ''), decoding the whole image once."""
     from PIL import Image
 
-    from trainkit.data.preprocess import open_image
+    from trainkit.data.preprocess import image_error_reason, open_image
 
     try:
         with open_image(path) as image:
@@ -52,7 +52,7 @@ def examine(path: str) -> tuple[str, int, int, str, str]:
     except TrainkitError as error:
         return "", 0, 0, "", str(error)
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
-        reason = str(error).split("\n")[0] or type(error).__name__
+        reason = image_error_reason(error)
         return "", 0, 0, "", f"{path}: cannot read image ({reason})"
 
 

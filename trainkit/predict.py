@@ -7,11 +7,13 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from trainkit.checkpoint import build_model_from_checkpoint, resolve_checkpoint_path
 from trainkit.data.preprocess import Preprocess, decode_image, image_files
+from trainkit.data.workers import from_arrays, to_arrays, worker_options
 from trainkit.errors import TrainkitError
 from trainkit.runtime import pick_device
 from trainkit.text import escape, to_json
@@ -180,6 +182,11 @@ def _collate(items: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch
     return (torch.stack(images) if images else None), [error for _, error in items]
 
 
+def _collate_in_worker(items: list[tuple[torch.Tensor | None, str | None]]) -> tuple[Any, list]:
+    images, errors = _collate(items)
+    return to_arrays(images), errors  # through the worker's pipe, not /dev/shm
+
+
 def decoded_batches(paths: list[Path], preprocess: Preprocess):
     """→ (decoded images (b, C, H, W) or None, their paths, whether any failed) per batch of
     PREDICT_BATCH paths, in order; each failure gets one error line."""
@@ -187,9 +194,14 @@ def decoded_batches(paths: list[Path], preprocess: Preprocess):
     workers = decode_workers(len(paths))
     if workers:
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=PREDICT_BATCH, num_workers=workers, collate_fn=_collate, prefetch_factor=2
+            dataset,
+            batch_size=PREDICT_BATCH,
+            num_workers=workers,
+            collate_fn=_collate_in_worker,
+            prefetch_factor=2,
+            **worker_options(workers),
         )
-        chunks = iter(loader)
+        chunks = ((from_arrays(images), errors) for images, errors in loader)
     else:
         starts = range(0, len(paths), PREDICT_BATCH)
         chunks = (
@@ -235,9 +247,10 @@ def _text_line(record: dict) -> str:
 def _close_outputs(output, sorter) -> None:
     if output is not None:
         output.close()
-        print(f"wrote {len(output.records)} predictions to {output.path}", file=sys.stderr)
+        print(f"wrote {len(output.records)} predictions to {escape(output.path)}", file=sys.stderr)
     if sorter is not None:
         sorter.close()
         how = f", {sorter.copied} copied" if sorter.copied else ""
         placed = sum(sorter.counts.values())
-        print(f"sorted {placed} images into {sorter.root}/<label>/ (hard links{how})", file=sys.stderr)
+        where = f"{escape(sorter.root)}/<label>/"
+        print(f"sorted {placed} images into {where} (hard links{how})", file=sys.stderr)

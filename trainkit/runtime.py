@@ -249,13 +249,26 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_speed_options(train, model_name: str, device: torch.device):
+def resolve_speed_options(train, model_name: str, device: torch.device, resumed: dict | None = None):
     """The train section with `auto` precision and channels_last made concrete for this model
-    and device (a copy: the config itself keeps `auto`). One home of the rule."""
+    and device (a copy: the config itself keeps `auto`). One home of the rule. `resumed`: what
+    the run being resumed chose (its checkpoint's "train_options"); a resume keeps that, as it
+    keeps every other setting, even where this machine would choose otherwise (a CPU without
+    bf16 instructions emulates it: slower, but the same arithmetic).
+    → (the train section, a note for each `auto` kept against this machine's choice)."""
     measured = CPU_SPEED_DEFAULTS.get(model_name, {}) if device.type == "cpu" else {}
+    chosen = {
+        "precision": "bf16" if measured.get("bf16") and cpu_has_native_bf16() else "32",
+        "channels_last": bool(measured.get("channels_last")),
+    }
     update: dict[str, Any] = {}
-    if train.precision == "auto":
-        update["precision"] = "bf16" if measured.get("bf16") and cpu_has_native_bf16() else "32"
-    if train.channels_last == "auto":
-        update["channels_last"] = bool(measured.get("channels_last"))
-    return train.model_copy(update=update) if update else train
+    notes: list[str] = []
+    for key, mine in chosen.items():
+        if getattr(train, key) != "auto":
+            continue
+        kept = (resumed or {}).get(key)
+        valid = kept in ("32", "bf16", "fp16") if key == "precision" else isinstance(kept, bool)
+        update[key] = kept if valid else mine
+        if valid and kept != mine:
+            notes.append(f"train.{key}: auto keeps {kept} from the run being resumed (here: {mine})")
+    return (train.model_copy(update=update) if update else train), notes

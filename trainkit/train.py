@@ -521,14 +521,24 @@ def _build_optimizer_and_freeze(config: Config, model, spec: dict[str, Any], res
 
 
 def build_run(
-    config: Config, *, placement, console: Console, trust_code: bool = False, resumed_epoch: int | None = None
+    config: Config,
+    *,
+    placement,
+    console: Console,
+    trust_code: bool = False,
+    resumed_epoch: int | None = None,
+    resumed_options: dict | None = None,
 ) -> Built:
     from trainkit.data.pipeline import build_data
     from trainkit.optim import build_loss, build_scheduler
     from trainkit.runtime import local_main_first, resolve_speed_options, seed_everything
 
     seed_everything(config.run.seed)
-    train_options = resolve_speed_options(config.train, config.model.name, placement.device)
+    train_options, notes = resolve_speed_options(
+        config.train, config.model.name, placement.device, resumed_options
+    )
+    for note in notes:
+        console.warn(note)
     torch.backends.cudnn.benchmark = placement.device.type == "cuda"
     data_cfg = resolve_data_config(config)
     data_began = time.perf_counter()
@@ -622,6 +632,11 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
         "model_spec": built.spec,
         "classes": list(bundle.splits.classes),
         "preprocess": bundle.preprocess.to_dict(),
+        # what `auto` became: a resume keeps it (runtime.resolve_speed_options)
+        "train_options": {
+            "precision": (built.train_options or config.train).precision,
+            "channels_last": (built.train_options or config.train).channels_last,
+        },
     }
     return Trainer(
         model=built.model,
@@ -752,7 +767,12 @@ def run_train(
         console = Console(enabled=placement.is_main)
         resumed_epoch = int(plan.state["epoch"]) if plan is not None else None
         built = build_run(
-            config, placement=placement, console=console, trust_code=trust_code, resumed_epoch=resumed_epoch
+            config,
+            placement=placement,
+            console=console,
+            trust_code=trust_code,
+            resumed_epoch=resumed_epoch,
+            resumed_options=plan.state.get("train_options") if plan is not None else None,
         )
         trainer = make_trainer(
             config, built, placement=placement, console=console, handle_signals=handle_signals

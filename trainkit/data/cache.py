@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainkit.data.preprocess import compute_stats, decode_image
+from trainkit.data.workers import from_arrays, to_arrays, worker_options
 from trainkit.errors import TrainkitError
 from trainkit.reporting import note, warn
 from trainkit.runtime import is_main_process
@@ -193,7 +194,8 @@ class _Guarded(Dataset):
 
 
 def _collate(batch):
-    return torch.stack([image for image, _ in batch]), [error for _, error in batch]
+    # numpy through the worker's pipe: a 256 MB batch would not fit a container's /dev/shm
+    return to_arrays(torch.stack([image for image, _ in batch])), [error for _, error in batch]
 
 
 def decode_all(
@@ -209,10 +211,12 @@ def decode_all(
         batch_size=max(1, min(256, DECODE_BATCH_BYTES // (channels * size * size))),
         num_workers=num_workers,
         collate_fn=_collate,
+        **worker_options(num_workers),
     )
     start, done = time.perf_counter(), 0
     progress = _Progress(count, "decoding" if keep else "checking")
     for batch, errors in loader:
+        batch = from_arrays(batch)
         if images is not None:
             images[done : done + batch.shape[0]] = batch
         failures += [(done + i, e) for i, e in enumerate(errors) if e]

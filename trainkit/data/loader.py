@@ -10,12 +10,14 @@ the epoch's order (what augmentation is keyed on) and the global batch's size.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainkit.data.workers import check_shared_memory, worker_options
 from trainkit.errors import TrainkitError
 
 
@@ -140,13 +142,20 @@ class LoaderSource(_Batching):
         super().__init__(len(dataset), batch_size, seed, shuffle, rank, world, drop_last)
         self.device = torch.device(device)
         self.sampler = _EpochBatchSampler(self)
+        prefetch = 4
+        if num_workers > 0:  # batches cross from the workers through /dev/shm: do they fit?
+            channels, size = getattr(dataset, "channels", 3), getattr(dataset, "size", 0) or 0
+            share = math.ceil(batch_size / world) * channels * size * size  # uint8 bytes per batch
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # ranks on this machine
+            check_shared_memory(num_workers * prefetch * share * local, "data.num_workers")
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
+            prefetch_factor=prefetch if num_workers > 0 else None,
+            **worker_options(num_workers),
             # its own generator: each iter() draws a worker base seed, which from the global
             # RNG would shift dropout after a resume (decoding itself uses no randomness)
             generator=torch.Generator().manual_seed(seed),

@@ -7,8 +7,10 @@ for files, `to_channels` + `resize` for arrays); batches of those become normali
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import stat
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,20 +44,29 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
     os.scandir hands back each entry's type without a stat and one stat per image gives the
     cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
     entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images). A folder
-    reached twice (a symbolic link loop) is walked once; with `problems` given, such loops and
-    unreadable folders are described there and the walk goes on, else an unreadable folder raises.
+    reached twice (a symbolic link loop) is walked once, and a link to a folder outside
+    `directory` is not followed (a link to / or /proc would walk the whole machine). With
+    `problems` given, such links, loops, unreadable folders and image names that are not
+    regular files (a FIFO would block the reader) are described there and the walk goes on;
+    else an unreadable folder raises and the others are warned about. Links to nothing are
+    skipped with a warning.
     """
     found: list[tuple[str, int, int]] = []
     dangling: list[str] = []
+    skipped: list[str] = []  # for the warning when there is no `problems` list
+    root = os.path.realpath(directory)
     pending = [directory]
     seen: set[tuple[int, int]] = set()
+
+    def problem(message: str) -> None:
+        (problems if problems is not None else skipped).append(message)
+
     while pending:
         folder = pending.pop()
         try:
             info = os.stat(folder)
             if (info.st_dev, info.st_ino) in seen:
-                if problems is not None:
-                    problems.append(f"{folder}: a symbolic link loop, skipped")
+                problem(f"{folder}: a symbolic link loop, skipped")
                 continue
             seen.add((info.st_dev, info.st_ino))
             with os.scandir(folder) as scan:
@@ -71,25 +82,40 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
                 continue
             try:
                 if entry.is_dir():
-                    pending.append(entry.path)
+                    if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
+                        problem(f"{entry.path}: a link to a folder outside {directory}, not followed")
+                    else:
+                        pending.append(entry.path)
                 elif name[name.rfind(".") :].lower() in IMAGE_EXTENSIONS:
                     if entry.is_file():
-                        stat = entry.stat()
-                        found.append((entry.path, stat.st_size, stat.st_mtime_ns))
-                    elif entry.is_symlink():  # a link to nothing: skipped, but never silently
-                        dangling.append(entry.path)
+                        stat_result = entry.stat()
+                        found.append((entry.path, stat_result.st_size, stat_result.st_mtime_ns))
+                    elif entry.is_symlink() and not os.path.exists(entry.path):
+                        dangling.append(entry.path)  # a link to nothing: skipped, never silently
+                    else:  # a FIFO, socket or device (or a link to one)
+                        problem(f"{entry.path}: not a regular file, skipped")
             except OSError as error:  # e.g. a link to itself: ELOOP
                 if problems is None:
                     raise
                 problems.append(f"{entry.path}: {error.strerror or error}, skipped")
-    if dangling:
-        from trainkit.reporting import warn
+    from trainkit.reporting import warn
+    from trainkit.text import printable
 
+    if dangling:
         dangling.sort()
         more = f" and {len(dangling) - 3} more" if len(dangling) > 3 else ""
-        warn(f"skipped {len(dangling)} broken symbolic link(s): {', '.join(dangling[:3])}{more}")
+        shown = ", ".join(printable(name) for name in dangling[:3])
+        warn(f"skipped {len(dangling)} broken symbolic link(s): {shown}{more}")
+    for message in sorted(skipped)[:3]:
+        warn(printable(message))
+    if len(skipped) > 3:
+        warn(f"and {len(skipped) - 3} more entries skipped")
     found.sort()
     return found
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 RESIZE_MODES = ("squash", "crop", "letterbox")
@@ -331,22 +357,48 @@ def pil_to_uint8(image: Image.Image, channels: int, reduce_to: int | None = None
     return torch.from_numpy(np.array(array, order="C"))
 
 
-def open_image(path) -> Image.Image:
-    """Open (header only) and refuse decompression bombs before any pixel is allocated."""
+def open_regular_file(path):
+    """Open `path` for reading, refusing anything but a regular file. O_NONBLOCK: a FIFO put
+    in place of a file after the folder was listed would otherwise block the open forever."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX only
+    descriptor = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise TrainkitError(f"{path}: not a regular file, skipped")
+        if nonblocking:
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+@contextlib.contextmanager
+def open_image(path):
+    """Open (header only) a regular file as an image and refuse decompression bombs before any
+    pixel is allocated; the file is closed on leaving the `with`."""
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Image.DecompressionBombError as error:
-        raise TrainkitError(f"{path}: refused, image too large ({error})") from error
-    except Image.DecompressionBombWarning as error:
-        raise TrainkitError(f"{path}: refused, image too large ({error})") from error
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise TrainkitError(f"{path}: refused, declares {width}x{height} pixels")
-    return image
+    with open_regular_file(path) as file:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(file)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise TrainkitError(f"{path}: refused, image too large ({error})") from error
+        with image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise TrainkitError(f"{path}: refused, declares {width}x{height} pixels")
+            yield image
+
+
+def image_error_reason(error: Exception) -> str:
+    """The first line of why PIL could not read a file (opened here by descriptor, so PIL's
+    own "cannot identify image file <_io.BufferedReader name=5>" names no file)."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image, or a format PIL cannot read"
+    return str(error).split("\n")[0] or type(error).__name__
 
 
 def decode_image(path, channels: int, image_size: int | None, mode: str = "squash") -> torch.Tensor:
@@ -368,6 +420,6 @@ def decode_image(path, channels: int, image_size: int | None, mode: str = "squas
     except FileNotFoundError as error:
         raise TrainkitError(f"{path}: no such file") from error
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
-        reason = str(error).split("\n")[0] or type(error).__name__
+        reason = image_error_reason(error)
         raise TrainkitError(f"{path}: cannot read image ({reason})") from error
     return fit_image(tensor, image_size, mode) if image_size else tensor
