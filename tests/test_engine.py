@@ -14,7 +14,7 @@ from PIL import Image
 
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
-from trainkit.data.augment import BatchTransform, crop_and_flip
+from trainkit.data.augment import BatchTransform, crop_and_flip, crop_codes
 from trainkit.data.preprocess import Preprocess
 from trainkit.models import build_model
 from trainkit.runtime import unwrap_model
@@ -206,7 +206,7 @@ def test_crop_and_flip_matches_a_reference():
     images = torch.randint(0, 256, (6, 3, 8, 10), dtype=torch.uint8)
     offsets = torch.randint(0, 5, (6, 2))
     flips = torch.tensor([True, False, True, False, False, True])
-    out = crop_and_flip(images, offsets, flips, 2)
+    out = crop_and_flip(images, crop_codes(offsets, flips, 2), 2)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(6):
         dy, dx = offsets[i].tolist()
@@ -283,13 +283,13 @@ def test_crop_and_flip_matches_a_reference_for_any_pad_and_dtype(pad, dtype):
     offsets[0] = torch.tensor([0, 2 * pad])  # the extreme corners: first and last rows read
     offsets[-1] = torch.tensor([2 * pad, 0])
     flips = torch.tensor([True, False, True, False, True])
-    out = crop_and_flip(images, offsets, flips, pad)
+    out = crop_and_flip(images, crop_codes(offsets, flips, pad), pad)
     padded = torch.nn.functional.pad(images, (pad,) * 4)
     for i in range(5):
         dy, dx = offsets[i].tolist()
         expected = padded[i, :, dy : dy + 9, dx : dx + 7]
         assert torch.equal(out[i], expected.flip(2) if flips[i] else expected)
-    empty = crop_and_flip(images[:0], offsets[:0], flips[:0], pad)  # an empty DDP share
+    empty = crop_and_flip(images[:0], crop_codes(offsets[:0], flips[:0], pad), pad)  # an empty DDP share
     assert empty.shape == (0, 2, 9, 7)
 
 

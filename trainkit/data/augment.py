@@ -8,6 +8,7 @@ point, and there is no augmentation RNG state to save.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,9 +39,9 @@ class BatchTransform:
         params = {}
         if a.crop_padding or a.hflip:
             p = a.crop_padding
-            params["offsets"] = torch.randint(0, 2 * p + 1, (size, 2), generator=g, dtype=torch.int16)
+            offsets = torch.randint(0, 2 * p + 1, (size, 2), generator=g, dtype=torch.int16)
             flips = torch.rand(size, generator=g) < 0.5 if a.hflip else torch.zeros(size, dtype=torch.bool)
-            params["flips"] = flips
+            params["crops"] = crop_codes(offsets, flips, p)
         if a.brightness:
             params["brightness"] = 1 + (torch.rand(size, generator=g) * 2 - 1) * a.brightness
         if a.contrast:
@@ -61,11 +62,8 @@ class BatchTransform:
             )
         else:
             images = self.preprocess.center_crop(images)
-        if "offsets" in params:
-            offsets = params["offsets"].index_select(0, positions).long()
-            images = crop_and_flip(
-                images, offsets, params["flips"].index_select(0, positions), a.crop_padding
-            )
+        if "crops" in params:
+            images = crop_and_flip(images, params["crops"].index_select(0, positions), a.crop_padding)
         if not (a.brightness or a.contrast):
             return self.preprocess.normalize(images)
         x = images.float().div_(255.0)  # (b, C, H, W) in [0, 1]
@@ -114,30 +112,55 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     )
 
 
-def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pad by `pad`, crop back to (H, W) at a per-sample (dy, dx), mirror where `flips`.
+def crop_codes(offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """(N, 2) crop offsets (dy, dx) in 0..2 pad and (N,) flips → (N,) int64 codes
+    (dy * span + dx) * 2 + flip, the rows of crop_and_flip's table. Made once per epoch."""
+    span = 2 * pad + 1
+    return (offsets[:, 0].long() * span + offsets[:, 1].long()) * 2 + flips.long()
 
-    Each output row is W pixels that lie side by side in the padded batch (read forwards) or,
-    mirrored, in a reversed copy of it (read forwards too): so the whole crop is one
-    `index_select` of b * C * H row windows — W times fewer indices than a per-pixel gather
-    (0.19 → 0.12 ms per LeNet batch on CPU) and no per-sample flip (a broadcast torch.where
-    alone cost 0.18 ms). (b, C, H, W) of any dtype → a new tensor of the same shape.
+
+def crop_and_flip(images: torch.Tensor, codes: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad by `pad`, crop back to (H, W) at each sample's (dy, dx) and mirror it where
+    flipped, as its `crop_codes` code says. (b, C, H, W) of any dtype → a new tensor alike.
+
+    Each output row is W pixels side by side in the padded sample (read forwards) or, mirrored,
+    in a reversed copy of the sample (read forwards too): so the whole crop is one
+    `index_select` of b * C * H row windows — W times fewer indices than a per-pixel gather and
+    no per-sample flip (a broadcast torch.where alone cost 0.18 ms per LeNet batch on CPU) —
+    with the row starts from tables made once per shape: 6 ops per batch (there were 20).
     """
     b, c, h, w = images.shape
     if b == 0:
         return images.clone()
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
-    flat = padded.reshape(-1)
-    n, sample = flat.numel(), c * (h + 2 * pad) * (w + 2 * pad)
-    both = torch.cat([flat, flat.flip(0)])  # (2n,): the reversed copy holds every row mirrored
-    windows = both.as_strided((2 * n - w + 1, w), (1, 1))  # every run of w pixels, a view
-    view = (b, 1, 1)
-    dy, dx = offsets[:, 0].long().view(view), offsets[:, 1].long().view(view)
-    flipped = flips.long().view(view)
-    channel = torch.arange(c, device=images.device).view(1, c, 1)
-    row = torch.arange(h, device=images.device).view(1, 1, h)
-    first = torch.arange(b, device=images.device).view(view) * sample
-    start = first + ((channel * (h + 2 * pad) + row + dy) * (w + 2 * pad) + dx)  # (b, C, H)
-    # the mirrored run of the w pixels at q..q+w-1 starts at 2n - w - q in `both`
-    start = torch.where(flipped.bool(), 2 * n - w - start, start)
-    return windows.index_select(0, start.view(-1)).view(b, c, h, w)
+    blocks = padded.reshape(b, -1)  # (b, L): one padded sample per row
+    length = blocks.shape[1]
+    both = torch.stack([blocks, blocks.flip(1)], 1).view(-1)  # (b * 2L,): each sample, then reversed
+    windows = both.as_strided((both.numel() - w + 1, w), (1, 1))  # every run of w pixels, a view
+    table = _row_starts(c, h, w, pad, images.device)
+    starts = table.index_select(0, codes) + _sample_starts(b, 2 * length, images.device)  # (b, C*H)
+    return windows.index_select(0, starts.view(-1)).view(b, c, h, w)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_starts(c: int, h: int, w: int, pad: int, device: torch.device) -> torch.Tensor:
+    """(span * span * 2, C * H) int64, row = crop code: where each output row of that crop
+    starts in its sample's (padded, reversed padded) pair. span^2 * 2 * C * H entries: 19 KB for
+    3x32x32 at pad 2."""
+    span, hp, wp = 2 * pad + 1, h + 2 * pad, w + 2 * pad
+    length = c * hp * wp
+    with torch.inference_mode(False):  # made in the first training step, used in all later ones
+        dy = torch.arange(span, device=device).view(span, 1, 1, 1)
+        dx = torch.arange(span, device=device).view(1, span, 1, 1)
+        channel = torch.arange(c, device=device).view(1, 1, c, 1)
+        row = torch.arange(h, device=device).view(1, 1, 1, h)
+        forwards = (channel * hp + row + dy) * wp + dx  # (span, span, C, H)
+        # the mirrored run of the w pixels at q..q+w-1 starts at L - w - q in the reversed copy
+        mirrored = length + (length - w - forwards)
+        return torch.stack([forwards, mirrored], 2).reshape(span * span * 2, c * h)
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_starts(b: int, pair: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return (torch.arange(b, device=device) * pair).view(b, 1)
