@@ -475,30 +475,59 @@ def test_saves_never_pass_through_another_users_link(cli, tmp_path):
     assert (target / "sub" / "eval.json").is_file()
 
 
-def test_a_folder_walk_names_special_files_and_does_not_leave_the_folder(cli, best, tmp_path):
+def test_a_folder_walk_names_special_files_and_does_not_walk_the_machine(cli, best, tmp_path):
     # A FIFO or a link to a device in a folder would block or never end a reader; a link to
-    # / or /proc would walk the whole machine. Each is named (escaped) and skipped.
-    images = tmp_path / "images"
+    # / or /proc would walk the whole machine. Each is named (escaped) and skipped; a link to
+    # any other folder (class folders linked into a shared store) is followed.
+    images, store = tmp_path / "images", tmp_path / "store"
     (images / "inside").mkdir(parents=True)
+    store.mkdir()
     Image.new("RGB", (16, 16)).save(images / "inside" / "good.png")
+    Image.new("RGB", (16, 16)).save(store / "shared.png")
     os.mkfifo(images / "pipe\x1b[31m.png")
     (images / "zero.png").symlink_to("/dev/zero")
     (images / "machine").symlink_to("/", target_is_directory=True)
-    (images / "again").symlink_to(images / "inside", target_is_directory=True)  # inside: followed
+    (images / "kernel").symlink_to("/proc", target_is_directory=True)
+    (images / "linked").symlink_to(store, target_is_directory=True)
 
     from trainkit.data.preprocess import image_files
 
     problems: list[str] = []
     found = [os.path.relpath(path, images) for path, _, _ in image_files(str(images), problems)]
-    assert found == ["again/good.png"] or found == ["inside/good.png"], found
+    assert found == ["inside/good.png", "linked/shared.png"], found
     assert any("zero.png: not a regular file" in p for p in problems), problems
     assert any("pipe\x1b[31m.png: not a regular file" in p for p in problems), problems
-    assert any("machine: a link to a folder outside" in p for p in problems), problems
+    assert any("machine: a link to /, not followed" in p for p in problems), problems
+    assert any("kernel: a link to /proc, not followed" in p for p in problems), problems
 
     result = cli("predict", images, "-c", best)
-    assert result.exit_code == 1 and "good.png" in result.stdout, result
+    assert result.exit_code == 1 and "good.png" in result.stdout and "shared.png" in result.stdout, result
     assert "pipe\\x1b[31m.png: not a regular file" in result.stderr and "\x1b" not in result.stderr
-    assert "machine: a link to a folder outside" in result.stderr
+    assert "machine: a link to /, not followed" in result.stderr
+
+
+def test_a_csv_row_naming_a_fifo_is_skipped_not_waited_on(tmp_path):
+    # the header probe (size and channels unset) opened every sampled file with PIL: a FIFO
+    # listed in the CSV blocked train and inspect forever
+    import subprocess
+    import sys
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "b.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "train.csv").write_text("path,label\nfifo.png,x\na.png,x\nb.png,y\n")
+    config = write_config(
+        tmp_path,
+        {"data": {"name": "csv", "root": str(tmp_path), "train_csv": "train.csv", "skip_bad_images": True}},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "trainkit", "inspect", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "fifo.png is not a regular file" in done.stderr, done
 
 
 def test_a_file_swapped_for_a_fifo_after_the_listing_is_an_error_not_a_hang(tmp_path):
@@ -527,7 +556,7 @@ def test_names_that_are_not_utf8_do_not_cost_the_csv(cli, best, tmp_path):
         result = cli("predict", images, "-c", best, "--out", target)
         assert result.exit_code == 0, result
     rows = out.read_text(encoding="utf-8").splitlines()  # valid UTF-8
-    assert len(rows) == 3 and any("bad_\\xff.png" in row for row in rows), rows
+    assert len(rows) == 3 and any("bad_\\udcff.png" in row for row in rows), rows  # as on screen
     paths = [json.loads(line)["path"] for line in jsonl.read_text().splitlines()]
     assert os.path.join(os.fsencode(images), b"bad_\xff.png") in [os.fsencode(p) for p in paths]
 

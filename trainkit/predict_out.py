@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -34,12 +33,6 @@ def safe_component(name: str) -> str:
     encoded = text.encode("utf-8")[:MAX_COMPONENT_BYTES]
     text = encoded.decode("utf-8", errors="ignore")
     return text or "_"
-
-
-def _undecodable_as_hex(text: str) -> str:
-    """A file name's byte that was not UTF-8 (Python holds it as a lone surrogate, U+DC80..
-    U+DCFF) → `\\xNN`, as `printable` shows it."""
-    return re.sub("[\udc80-\udcff]", lambda match: f"\\x{ord(match.group()) - 0xDC00:02x}", text)
 
 
 class PredictionFile:
@@ -72,9 +65,10 @@ class PredictionFile:
                 writer.writerow(
                     [record["path"], record["label"], record["index"], f"{record['prob']:.6f}", *rest]
                 )
-            # a file name's bytes that are not UTF-8 as \xNN: the CSV stays valid UTF-8 for
-            # every reader (the JSON-lines file keeps them exactly, as \udcNN escapes)
-            text = _undecodable_as_hex(buffer.getvalue()).encode("utf-8", "backslashreplace")
+            # a file name's bytes that are not UTF-8 (held as lone surrogates) as \udcNN, as
+            # the screen shows them: the CSV stays valid UTF-8 for every reader (the JSON-lines
+            # file keeps them exactly, as \udcNN escapes that json.loads turns back)
+            text = buffer.getvalue().encode("utf-8", "backslashreplace")
         write_file(self.path, text)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import torch
@@ -21,7 +22,9 @@ from trainkit.data.preprocess import (
     compute_stats,
     decode_image,
     fit_image,
+    image_error_reason,
     image_files,
+    open_image,
     stored_side,
     to_channels,
 )
@@ -345,8 +348,6 @@ def _probe_images(paths: list[str], data: DataConfig) -> tuple[int, int]:
     config error listing what was found: one odd image must never set the resolution."""
     from collections import Counter
 
-    from PIL import Image
-
     if data.channels and data.image_size:
         return data.channels, data.image_size
     step = max(1, len(paths) // 200)
@@ -354,12 +355,15 @@ def _probe_images(paths: list[str], data: DataConfig) -> tuple[int, int]:
     sizes, modes = Counter(), set()
     for path in sample:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:  # a regular file only: a FIFO would block here
                 sizes[image.size] += 1
                 modes.add(image.mode)
+        except TrainkitError:
+            if path == sample[0] and len(sample) == 1:
+                raise
         except (OSError, ValueError, SyntaxError) as error:  # named by the decode pass later
             if path == sample[0] and len(sample) == 1:
-                raise TrainkitError(f"{path}: cannot read image ({error})") from error
+                raise TrainkitError(f"{path}: cannot read image ({image_error_reason(error)})") from error
     grey = {"1", "L", "LA", "I", "I;16", "F"}
     channels = 1 if modes and modes <= grey else 3
     if data.image_size or not sizes:
@@ -477,6 +481,9 @@ def _read_csv(data: DataConfig, key: str, classes: list[str] | None) -> tuple[Fi
             stat = file.stat()
         except OSError:
             missing.append(f"{path}:{line}: {file} not found")
+            continue
+        if not S_ISREG(stat.st_mode):  # a FIFO would block the reader, a folder is no image
+            missing.append(f"{path}:{line}: {file} is not a regular file")
             continue
         files.paths.append(str(file))
         files.labels.append(index[label])

@@ -44,8 +44,9 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
     os.scandir hands back each entry's type without a stat and one stat per image gives the
     cache key's size and mtime: about 10x faster than Path.rglob + is_file + stat. Hidden
     entries are skipped, as glob does (macOS "._x.jpg" resource forks are not images). A folder
-    reached twice (a symbolic link loop) is walked once, and a link to a folder outside
-    `directory` is not followed (a link to / or /proc would walk the whole machine). With
+    reached twice (a symbolic link loop) is walked once; links to folders are followed (class
+    folders linked into a shared store are common) except to a file system's root, /proc, /sys
+    or /dev (a link to / or /proc would walk the whole machine). With
     `problems` given, such links, loops, unreadable folders and image names that are not
     regular files (a FIFO would block the reader) are described there and the walk goes on;
     else an unreadable folder raises and the others are warned about. Links to nothing are
@@ -54,7 +55,6 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
     found: list[tuple[str, int, int]] = []
     dangling: list[str] = []
     skipped: list[str] = []  # for the warning when there is no `problems` list
-    root = os.path.realpath(directory)
     pending = [directory]
     seen: set[tuple[int, int]] = set()
 
@@ -82,8 +82,9 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
                 continue
             try:
                 if entry.is_dir():
-                    if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
-                        problem(f"{entry.path}: a link to a folder outside {directory}, not followed")
+                    target = os.path.realpath(entry.path) if entry.is_symlink() else None
+                    if target is not None and _system_folder(target):
+                        problem(f"{entry.path}: a link to {target}, not followed")
                     else:
                         pending.append(entry.path)
                 elif name[name.rfind(".") :].lower() in IMAGE_EXTENSIONS:
@@ -114,8 +115,15 @@ def image_files(directory: str, problems: list[str] | None = None) -> list[tuple
     return found
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+# Where a folder link found in a walk is never followed: the whole machine (a link to / reaches
+# everything, /proc/<pid>/root again) or kernel pseudo-files that are not images and never end.
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _system_folder(path: str) -> bool:
+    if os.path.dirname(path) == path:  # a file system's root: / (or C:\\)
+        return True
+    return any(path == top or path.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
 
 
 RESIZE_MODES = ("squash", "crop", "letterbox")
