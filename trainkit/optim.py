@@ -196,14 +196,17 @@ def fast_implementation(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """A checkpoint's optimizer state into `optimizer`. torch's load_state_dict also takes the
-    saved groups' fused / foreach flags: a checkpoint from an older trainkit (or another
-    device) would switch the fast kernel off, or on where this device has none."""
-    groups = optimizer.param_groups
-    chosen = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in groups]
+    """A checkpoint's optimizer state into `optimizer`, keeping this optimizer's fused / foreach
+    choice. torch's load_state_dict takes the saved groups' flags: a checkpoint from an older
+    trainkit (or another device) would switch the fast kernel off, or on where this device has
+    none. The flags are set in the groups before loading, because torch also places each
+    state's `step` by them (on the parameter's device for a fused optimizer)."""
+    current = optimizer.param_groups
+    saved = state.get("param_groups")
+    if isinstance(saved, list) and len(saved) == len(current):
+        keep = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in current]
+        state = {**state, "param_groups": [{**old, **mine} for old, mine in zip(saved, keep)]}
     optimizer.load_state_dict(state)
-    for group, keep in zip(optimizer.param_groups, chosen):
-        group.update(keep)
 
 
 def parameter_groups(
