@@ -332,6 +332,9 @@ def test_auto_speed_options_follow_the_measured_table(monkeypatch, model_name, n
     assert auto.precision == "auto" and auto.channels_last == "auto"  # the config is not changed
     chosen = TrainConfig(precision="32", channels_last=False)  # what the user sets is kept
     assert runtime.resolve_speed_options(chosen, model_name, torch.device(device)) == (chosen, [])
+    for tampered in (["bf16"], "bf16", {"precision": 16, "channels_last": "yes"}):  # from a checkpoint
+        kept = runtime.resolve_speed_options(auto, model_name, torch.device(device), tampered)
+        assert kept == (resolved, [])
 
 
 def test_a_default_run_says_and_records_what_auto_chose(cli, tmp_path, monkeypatch):

@@ -203,7 +203,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     state's `step` by them (on the parameter's device for a fused optimizer)."""
     current = optimizer.param_groups
     saved = state.get("param_groups")
-    if isinstance(saved, list) and len(saved) == len(current):
+    if isinstance(saved, list) and len(saved) == len(current) and all(isinstance(g, dict) for g in saved):
         keep = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in current]
         state = {**state, "param_groups": [{**old, **mine} for old, mine in zip(saved, keep)]}
     optimizer.load_state_dict(state)

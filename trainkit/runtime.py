@@ -266,7 +266,7 @@ def resolve_speed_options(train, model_name: str, device: torch.device, resumed:
     for key, mine in chosen.items():
         if getattr(train, key) != "auto":
             continue
-        kept = (resumed or {}).get(key)
+        kept = resumed.get(key) if isinstance(resumed, dict) else None  # from a checkpoint: any type
         valid = kept in ("32", "bf16", "fp16") if key == "precision" else isinstance(kept, bool)
         update[key] = kept if valid else mine
         if valid and kept != mine:

@@ -625,6 +625,7 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
     from trainkit.trainer import Trainer
 
     bundle = built.bundle
+    options = built.train_options or config.train
     extras = {
         "format_version": FORMAT_VERSION,
         "trainkit_version": __version__,
@@ -633,10 +634,7 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
         "classes": list(bundle.splits.classes),
         "preprocess": bundle.preprocess.to_dict(),
         # what `auto` became: a resume keeps it (runtime.resolve_speed_options)
-        "train_options": {
-            "precision": (built.train_options or config.train).precision,
-            "channels_last": (built.train_options or config.train).channels_last,
-        },
+        "train_options": {"precision": options.precision, "channels_last": options.channels_last},
     }
     return Trainer(
         model=built.model,
@@ -647,7 +645,7 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
         val_source=built.val_source,
         train_transform=BatchTransform(bundle.preprocess, config.data.augment, config.run.seed),
         eval_transform=BatchTransform(bundle.preprocess, None),
-        train=built.train_options or config.train,
+        train=options,
         placement=placement,
         num_classes=built.spec["num_classes"],
         monitor=Monitor.for_metric(config.train.monitor),
