@@ -39,8 +39,8 @@ PIECES = [
     ("optimizer", "optimizer step (SGD)"),
     ("zero_grad", "zero_grad"),
     ("schedule", "lr schedule step"),
-    ("metrics", "running loss / accuracy (on-device sums)"),
-    ("check_loss", "non-finite loss check (reads the loss)"),
+    ("metrics", "running loss / accuracy (held; summed every 32 batches)"),
+    ("check_loss", "non-finite loss check (a flag the sums set)"),
     ("step_end", "step_end callbacks (progress, running loss read)"),
 ]
 

@@ -12,12 +12,14 @@ import yaml
 from conftest import last_weights, load, max_weight_difference, write_config
 from PIL import Image
 
+from trainkit.callbacks import Callback, CallbackList
 from trainkit.checkpoint import load_checkpoint, save_checkpoint
 from trainkit.config import AugmentConfig, load_config
 from trainkit.data.augment import BatchTransform, crop_and_flip, crop_codes
 from trainkit.data.preprocess import Preprocess
 from trainkit.models import build_model
 from trainkit.runtime import unwrap_model
+from trainkit.trainer import EpochTotals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -376,3 +378,51 @@ def test_channels_last_takes_true_false_or_auto_and_says_so(cli, tmp_path, value
     result = cli("config", write_config(tmp_path), f"train.channels_last={value}")
     assert result.exit_code == 2
     assert "train.channels_last: expected true, false or auto" in result.stderr
+
+
+def test_epoch_totals_summed_in_chunks_match_the_per_batch_sums():
+    g = torch.Generator().manual_seed(0)
+    totals = EpochTotals(torch.device("cpu"))
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step in range(1, 80):  # two whole chunks, a part, and an empty share (DDP) in between
+        b = 0 if step == 40 else int(torch.randint(1, 9, (1,), generator=g))
+        scores, labels = torch.randn(b, 5, generator=g), torch.randint(0, 5, (b,), generator=g)
+        loss = torch.nn.functional.cross_entropy(scores, labels) if b else scores.sum() * 0.0
+        totals.add(loss, scores, labels, step)
+        loss_sum += float(loss) * b
+        correct += int((scores.argmax(1) == labels).sum())
+        seen += b
+    assert totals.running_loss() == pytest.approx(loss_sum / seen)
+    assert totals.summed(ddp=False) == pytest.approx((loss_sum, correct, seen))
+    assert totals.to_dict(ddp=False, elapsed=1.0)["correct"] == correct
+    assert totals.nonfinite is None
+
+
+def test_epoch_totals_name_the_first_non_finite_loss_and_its_step():
+    totals = EpochTotals(torch.device("cpu"))
+    for step in range(1, 41):
+        value = {7: float("inf"), 9: float("nan")}.get(step, 1.0)
+        totals.add(torch.tensor(value), torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), step)
+        if step == 6:
+            assert totals.running_loss() == 1.0 and totals.nonfinite is None
+    assert totals.nonfinite == (float("inf"), 7)  # found by the chunk's reduction, not later
+    totals.summed(ddp=False)
+    assert totals.nonfinite == (float("inf"), 7)
+
+
+def test_callback_list_fires_the_handlers_in_order_and_follows_replace():
+    calls = []
+
+    class Counting(Callback):
+        def on_step_end(self, trainer, step):
+            calls.append("class")
+
+    patched = Callback()
+    patched.on_step_end = lambda trainer, step: calls.append("instance")
+    callbacks = CallbackList([Counting(), Callback(), patched])
+    callbacks.fire("step_end", None, None)
+    callbacks.fire("epoch_start", None, 0)  # nobody handles it
+    assert calls == ["class", "instance"]
+    callbacks.replace([patched])
+    callbacks.fire("step_end", None, None)
+    assert calls == ["class", "instance", "instance"]

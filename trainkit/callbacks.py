@@ -64,11 +64,22 @@ class CallbackList:
     """Calls one event on every callback, in order."""
 
     def __init__(self, callbacks: Iterable[Callback] = ()):
-        self.callbacks = list(callbacks)
+        self.replace(callbacks)
+
+    def replace(self, callbacks: Iterable[Callback]) -> None:
+        self.callbacks = tuple(callbacks)
+        self._handlers: dict[str, list[Callable]] = {}
 
     def fire(self, event: str, trainer, *args: Any) -> None:
-        for callback in self.callbacks:
-            getattr(callback, f"on_{event}")(trainer, *args)
+        handlers = self._handlers.get(event)
+        if handlers is None:  # step_end fires every step: only the callbacks that handle it
+            name = f"on_{event}"
+            inherited = getattr(Callback, name)
+            handlers = [getattr(cb, name) for cb in self.callbacks]
+            handlers = [h for h in handlers if getattr(h, "__func__", None) is not inherited]
+            self._handlers[event] = handlers
+        for handler in handlers:
+            handler(trainer, *args)
 
     def state_dict(self) -> dict[str, Any]:
         return {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key}

@@ -653,7 +653,6 @@ def make_trainer(config: Config, built: Built, *, placement, console: Console, h
         checkpoint_extras=extras,
         console=console,
         handle_signals=handle_signals,
-        check_every_n_steps=config.log.every_n_steps,
     )
 
 
@@ -788,7 +787,7 @@ def run_train(
         )
         if built.freezer is not None:
             own.insert(0, Unfreeze(built.freezer, lambda m: wrap_for_training(m, config, placement), console))
-        trainer.callbacks.callbacks[:] = [*own, *callbacks]
+        trainer.callbacks.replace([*own, *callbacks])
         trainer.fit()
         shutdown_distributed()
         summary = summarize(run_dir, trainer, console=console)

@@ -25,11 +25,10 @@ class BatchTransform:
         self.augment = augment
         self.seed = seed
         self.params: dict[str, torch.Tensor] = {}  # per epoch position, on the training device
-
-    @property
-    def active(self) -> bool:
-        a = self.augment
-        return bool(a and (a.crop_padding or a.hflip or a.brightness or a.contrast or a.random_resized_crop))
+        a = augment  # config: not changed during a run
+        self.active = bool(
+            a and (a.crop_padding or a.hflip or a.brightness or a.contrast or a.random_resized_crop)
+        )
 
     def start_epoch(self, epoch: int, size: int, device: torch.device) -> None:
         if not self.active:
