@@ -6,11 +6,11 @@
 For each model of bench.py's --model list it builds the model the way `trainkit train` does
 (trainkit.models.build_model, SGD with Nesterov momentum and weight decay as configs/cifar10.yaml),
 and times the train step on one in-memory batch (the compute limit) under each option: plain
-float32, channels_last (model and batch), bf16 autocast, torch.compile, and channels_last +
-compile. The options take turns in short windows (--rounds of --steps steps each) so that a
-burst of load on a shared machine hits all of them; the table gives each option's median images/s
-and the median of its per-round ratio to plain float32. Compilation happens before the first
-window and is reported separately.
+float32, channels_last (the model; the batch stays NCHW, as in trainkit), bf16 autocast,
+torch.compile, channels_last + compile and channels_last + bf16. The options take turns in
+short windows (--rounds of --steps steps each) so that a burst of load on a shared machine hits
+all of them; the table gives each option's median images/s and the median of its per-round ratio
+to plain float32. Compilation happens before the first window and is reported separately.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ OPTIONS = {
     "bf16": {"bf16": True},
     "compile": {"compile": True},
     "channels_last+compile": {"channels_last": True, "compile": True},
+    "channels_last+bf16": {"channels_last": True, "bf16": True},
 }
 
 

@@ -383,6 +383,21 @@ def test_non_finite_loss_stops_without_a_checkpoint(cli, tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt").exists()
 
 
+def test_ctrl_c_after_an_unchecked_non_finite_loss_saves_nothing(tmp_path):
+    # the losses are checked a chunk of steps at a time: a NaN at step 3 has not been looked
+    # at when a SIGINT after step 5 asks for a save; that save must find it first
+    config = write_config(tmp_path, {"train": {"epochs": 2}, "log": {"tensorboard": False}})
+
+    def hook():
+        _nan_loss_on_call(pytest.MonkeyPatch(), 3)
+        signal_at(5, signal.SIGINT)()
+
+    code, out = in_child(["train", config], hook=hook)
+    assert code == 1, out
+    assert "non-finite loss (nan) at epoch 1, step 3" in out and "stopped without saving" in out
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt").exists()
+
+
 def test_non_finite_loss_skip_drops_the_whole_window(cli, tmp_path, monkeypatch):
     # the NaN is in the first micro-batch of an accumulation window: its gradients, not just
     # the stepping micro-batch's loss, must keep the step from happening

@@ -232,12 +232,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # the same accuracy (benchmarks/README.md). Elsewhere, and for other models, auto means float32
 # and the default memory format: nothing here was measured on GPUs yet.
 CPU_SPEED_DEFAULTS: dict[str, dict[str, bool]] = {
-    "lenet": {"channels_last": True},  # 1.34x; bf16 0.88x
+    "lenet": {"channels_last": True},  # 1.16-1.34x; bf16 0.68-0.88x
     # bf16 was 1.78x faster but learned slower: 16.8 % vs 31.9 % validation accuracy after 4
     # epochs on a 10,000-image CIFAR-10 subset (train loss 2.28 vs 1.87), so float32 stays
-    "alexnet": {"channels_last": True},  # 1.12x
-    "mlp": {"bf16": True},  # 1.31x; channels_last does nothing to Linear layers
-    "torchvision.resnet18": {"bf16": True},  # 1.70x; channels_last 1.12x alone, not measured with bf16
+    "alexnet": {"channels_last": True},  # 1.09-1.15x (a layout: what is learned is the same)
+    "mlp": {"bf16": True},  # 1.31-1.41x; channels_last does nothing to Linear layers
+    # bf16 1.58-1.70x; channels_last on top: 1.10-1.13x on one batch but 1.01-1.06x end to end
+    "torchvision.resnet18": {"bf16": True},
 }
 
 
