@@ -283,6 +283,60 @@ def test_a_failing_rank_ends_every_process(reference, tmp_path, launcher):
     assert elapsed < 60, elapsed
 
 
+# A NaN loss whose gradients stay finite (an fp16 overflow on one rank's samples looks like
+# this): rank 1 at its 5th training loss, rank 0 at its RANK_0_AT-th (0: never).
+NAN_LOSS_ON_EACH_RANK = """
+import os
+if "RANK" in os.environ:
+    import trainkit.optim as optim
+
+    original = optim.build_loss
+    at = 5 if os.environ["RANK"] == "1" else RANK_0_AT
+
+    def build_loss(*args, **kwargs):
+        import torch
+
+        loss = original(*args, **kwargs)
+
+        class NanOnce(torch.nn.Module):
+            calls = 0
+
+            def forward(self, logits, labels):
+                value = loss(logits, labels)
+                if self.training:
+                    self.calls += 1
+                    if self.calls == at:
+                        return value + float("nan")  # the value only: d/dvalue stays 1
+                return value
+
+        return NanOnce()
+
+    optim.build_loss = build_loss
+"""
+
+
+@pytest.mark.parametrize("rank_0_at", [0, 6])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_a_save(reference, tmp_path, rank_0_at):
+    """The losses are checked a chunk at a time; the ranks compare what they found before
+    anything is saved, so rank 0 does not save the epoch (no evaluation due) unaware of rank 1's
+    NaN, and every rank names the same, first, step."""
+    root, config, _ = reference
+    (tmp_path / "sitecustomize.py").write_text(NAN_LOSS_ON_EACH_RANK.replace("RANK_0_AT", str(rank_0_at)))
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    done = run(
+        [*TRAINKIT, "train", config, "--nproc", "2", "train.eval_every=2", f"run.name=nan{rank_0_at}"],
+        root,
+        PYTHONPATH=path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "non-finite loss (nan) at epoch 1, step 5" in done.stderr
+    assert "step 6" not in done.stderr
+    run_dir = root / "runs" / f"nan{rank_0_at}"
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    metrics = run_dir / "metrics.csv"
+    assert not metrics.exists() or len(metrics.read_text().splitlines()) <= 1  # a header, no row
+
+
 SLOW_STEPS = """
 import os, time
 if "RANK" in os.environ:

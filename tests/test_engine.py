@@ -393,8 +393,8 @@ def test_epoch_totals_summed_in_chunks_match_the_per_batch_sums():
         correct += int((scores.argmax(1) == labels).sum())
         seen += b
     assert totals.running_loss() == pytest.approx(loss_sum / seen)
-    assert totals.summed(ddp=False) == pytest.approx((loss_sum, correct, seen))
-    assert totals.to_dict(ddp=False, elapsed=1.0)["correct"] == correct
+    assert totals.summed() == pytest.approx((loss_sum, correct, seen))
+    assert totals.to_dict(elapsed=1.0)["correct"] == correct
     assert totals.nonfinite is None
 
 
@@ -406,7 +406,7 @@ def test_epoch_totals_name_the_first_non_finite_loss_and_its_step():
         if step == 6:
             assert totals.running_loss() == 1.0 and totals.nonfinite is None
     assert totals.nonfinite == (float("inf"), 7)  # found by the chunk's reduction, not later
-    totals.summed(ddp=False)
+    totals.summed()
     assert totals.nonfinite == (float("inf"), 7)
 
 
@@ -426,3 +426,9 @@ def test_callback_list_fires_the_handlers_in_order_and_follows_replace():
     callbacks.replace([patched])
     callbacks.fire("step_end", None, None)
     assert calls == ["class", "instance", "instance"]
+    # a handler set, or a callback added, after the event has fired is called from then on
+    late = Callback()
+    callbacks.callbacks.append(late)
+    late.on_step_end = lambda trainer, step: calls.append("late")
+    callbacks.fire("step_end", None, None)
+    assert calls == ["class", "instance", "instance", "instance", "late"]

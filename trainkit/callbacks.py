@@ -64,22 +64,20 @@ class CallbackList:
     """Calls one event on every callback, in order."""
 
     def __init__(self, callbacks: Iterable[Callback] = ()):
-        self.replace(callbacks)
+        self.callbacks = list(callbacks)
 
     def replace(self, callbacks: Iterable[Callback]) -> None:
-        self.callbacks = tuple(callbacks)
-        self._handlers: dict[str, list[Callable]] = {}
+        self.callbacks[:] = list(callbacks)
 
     def fire(self, event: str, trainer, *args: Any) -> None:
-        handlers = self._handlers.get(event)
-        if handlers is None:  # step_end fires every step: only the callbacks that handle it
-            name = f"on_{event}"
-            inherited = getattr(Callback, name)
-            handlers = [getattr(cb, name) for cb in self.callbacks]
-            handlers = [h for h in handlers if getattr(h, "__func__", None) is not inherited]
-            self._handlers[event] = handlers
-        for handler in handlers:
-            handler(trainer, *args)
+        # Looked up at each event (a handler may be added or set at any time); the base class's
+        # no-op is not called: step_end fires every step.
+        name = f"on_{event}"
+        inherited = getattr(Callback, name)
+        for callback in self.callbacks:
+            handler = getattr(callback, name)
+            if getattr(handler, "__func__", None) is not inherited:
+                handler(trainer, *args)
 
     def state_dict(self) -> dict[str, Any]:
         return {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key}

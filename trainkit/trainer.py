@@ -7,6 +7,7 @@ progress are callbacks (trainkit.callbacks) fired at marked points of the loop.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -56,28 +57,39 @@ class EpochTotals:
     REDUCE_BATCHES = 32
     REDUCE_ELEMENTS = 2**20  # or this many held scores (4 MB of float32), whichever comes first
 
-    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None):
+    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None, ddp: bool = False):
         saved = saved or {}
         self.loss_sum = torch.tensor(float(saved.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
         self.correct = torch.tensor(int(saved.get("correct", 0)), dtype=torch.int64, device=device)
         self.seen = int(saved.get("seen", 0))
         self.seconds = float(saved.get("seconds", 0.0))  # before this process took over
         self.steps = self.skipped = 0  # optimizer steps taken / skipped here (not saved)
+        self.ddp = ddp
+        self.added = 0  # batches added by this process: the same count on every rank
         self.held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         self.held_elements = 0
-        self.nonfinite: tuple[float, int] | None = None  # (loss, step) of the first non-finite loss
+        self.found: tuple[float, int] | None = None  # (loss, step) of this process's first non-finite loss
+        # The run's first non-finite loss, the one the stop rule acts on: this process's own, or
+        # under DDP the earliest over all processes once they have compared (`share`), so that
+        # every rank stops at the same point, with the same message, and none saves without knowing.
+        self.nonfinite: tuple[float, int] | None = None
 
     def add(self, loss: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         """loss () the batch's mean (detached), scores (b, K) detached, labels (b,), and the
         optimizer step (counted from 1) the batch is part of."""
         self.held.append((loss, scores, labels, step))
+        self.added += 1
         self.seen += labels.shape[0]
         self.held_elements += scores.numel()
         if len(self.held) >= self.REDUCE_BATCHES or self.held_elements >= self.REDUCE_ELEMENTS:
             self.reduce()
+        # When to compare depends only on the batch count, never on what this rank holds (a
+        # log point's running_loss, on the main process only, reduces early there).
+        if self.ddp and self.added % self.REDUCE_BATCHES == 0:
+            self.share()
 
     def reduce(self) -> None:
-        """The held batches into the sums."""
+        """The held batches into the sums (this process only: no collective)."""
         if not self.held:
             return
         losses, scores, labels, steps = zip(*self.held)
@@ -88,26 +100,43 @@ class EpochTotals:
         labels = torch.cat(labels)  # (sum b,)
         self.correct += (torch.cat(scores).argmax(1) == labels).sum()
         finite = torch.isfinite(losses)
-        if self.nonfinite is None and not bool(finite.all()):
+        if self.found is None and not bool(finite.all()):
             first = int((~finite).nonzero()[0])
-            self.nonfinite = (float(losses[first]), steps[first])
+            self.found = (float(losses[first]), steps[first])
+            if not self.ddp:
+                self.nonfinite = self.found
+
+    def share(self) -> None:
+        """Under DDP, the earliest first non-finite loss over all processes (by step; a
+        collective: every rank calls it at the same points)."""
+        self.reduce()
+        if not self.ddp:
+            return
+        loss, step = self.found if self.found is not None else (0.0, math.inf)
+        mine = torch.tensor([step, loss], dtype=torch.float64, device=self.loss_sum.device)
+        everyone = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(everyone, mine)
+        step, loss = min((tuple(found.tolist()) for found in everyone), key=lambda found: found[0])
+        if step != math.inf:
+            self.nonfinite = (loss, int(step))
 
     def running_loss(self) -> float:
         self.reduce()
         return float(self.loss_sum) / max(self.seen, 1)
 
-    def summed(self, ddp: bool) -> tuple[float, float, float]:
-        """(loss sum, correct, seen) over all processes (a collective under DDP)."""
-        self.reduce()
+    def summed(self) -> tuple[float, float, float]:
+        """(loss sum, correct, seen) over all processes (collectives under DDP), after which
+        every rank knows the run's first non-finite loss."""
+        self.share()
         seen = self.loss_sum.new_tensor(float(self.seen))
         stats = torch.stack([self.loss_sum, self.correct.double(), seen])
-        if ddp:
+        if self.ddp:
             torch.distributed.all_reduce(stats)
         loss_sum, correct, seen = stats.tolist()
         return loss_sum, correct, seen
 
-    def to_dict(self, ddp: bool, elapsed: float) -> dict[str, Any]:
-        loss_sum, correct, seen = self.summed(ddp)
+    def to_dict(self, elapsed: float) -> dict[str, Any]:
+        loss_sum, correct, seen = self.summed()
         seconds = self.seconds + elapsed
         return {"loss_sum": loss_sum, "correct": int(correct), "seen": int(seen), "seconds": seconds}
 
@@ -247,7 +276,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.state = TrainState()
         self.sizes = train_source.global_sizes()  # global batch sizes of an epoch
-        self.totals = EpochTotals(self.device)
+        self.totals = EpochTotals(self.device, ddp=self.ddp)
         self.saved_totals: dict[str, Any] | None = None  # what a mid-epoch checkpoint carries
         self.epoch_began = time.perf_counter()
         self.stops = StopRequests(console)
@@ -330,7 +359,7 @@ class Trainer:
                 self.state.batch_in_epoch = index + 1
                 self._after_step(index)
         seconds = self.totals.seconds + time.perf_counter() - self.epoch_began
-        loss_sum, correct, seen = self.totals.summed(self.ddp)
+        loss_sum, correct, seen = self.totals.summed()
         self._check_loss()
         return {
             "train_loss": loss_sum / max(seen, 1),
@@ -342,7 +371,9 @@ class Trainer:
     def _check_loss(self) -> None:
         """The stop rule for a non-finite loss, as soon as the epoch's totals have seen it (they
         check each chunk of batches they sum: at most EpochTotals.REDUCE_BATCHES steps late, and
-        always before anything is saved: the epoch's end and a mid-epoch save sum them first)."""
+        always before anything is saved: the epoch's end and a mid-epoch save sum them first).
+        Under DDP the ranks compare at those points, so all of them stop together, naming the
+        earliest step any of them found."""
         found = self.totals.nonfinite
         if found is not None and self.cfg.on_nonfinite == "stop":
             loss, step = found
@@ -392,7 +423,7 @@ class Trainer:
         row = self.train_one_epoch(epoch)
         self._require_progress(epoch)
         self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
-        self.totals, self.saved_totals = EpochTotals(self.device), None
+        self.totals, self.saved_totals = EpochTotals(self.device, ddp=self.ddp), None
         if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
             metrics = self.run_evaluation()
             row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"], val_top5=metrics["top5"])
@@ -479,7 +510,7 @@ class Trainer:
         )
         # the sums of the epoch's batches before the save, counted once: on the main process
         saved = state.get("epoch_totals") if self.placement.is_main and self.state.batch_in_epoch else None
-        self.totals = EpochTotals(self.device, saved)
+        self.totals = EpochTotals(self.device, saved, ddp=self.ddp)
         self.callback_states = dict(state.get("callbacks") or {})  # given to the callbacks at fit()
         set_rng_state(state["rng"])
 
@@ -506,7 +537,7 @@ class Trainer:
 
     def _save_and_leave(self) -> None:
         elapsed = time.perf_counter() - self.epoch_began
-        self.saved_totals = self.totals.to_dict(self.ddp, elapsed)  # a collective under DDP
+        self.saved_totals = self.totals.to_dict(elapsed)  # collectives under DDP
         self._check_loss()
         with self.stops.writing():
             self.callbacks.fire("interrupt", self)
